@@ -1,0 +1,505 @@
+"""
+DiJiang: a GPT-NeoX (Pythia) language model whose softmax attention is replaced by the
+frequency-domain kernel attention of "DiJiang: Efficient Large Language Models through Compact
+Kernelization" (Chen et al., ICML 2024, arXiv 2403.19928).
+
+Read top to bottom:
+  1. GPTConfig and the Pythia suite's named configs
+  2. rotary position embeddings (GPT-NeoX style, on the first rotary_pct of each head)
+  3. the DiJiang math: the DCT projection P, the feature map phi, the per-head decay, and the
+     attention in three forms that compute the same function:
+        parallel  - the materialized N x N matrix, the readable reference
+        chunk     - chunkwise with O(N) memory, for training and prefill
+        recurrent - a (D, D) state per head and O(1) work per token, for decoding
+  4. the modules: SoftmaxAttention (Pythia itself), DiJiangAttention, MLP, Block, GPT
+  5. Tokenizer (Pythia's BPE on tiktoken, and a byte-level one for offline demos)
+
+Decays are always relative (gamma^(n-m) with n >= m), never gamma^(-n): the released code's
+D2 = gamma^(-n) overflows fp32 past about 2.8K tokens.
+"""
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import scipy.fft
+import scipy.stats
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# 1. Config
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50304
+    n_layer: int = 6
+    n_head: int = 8
+    n_embd: int = 512
+    intermediate_size: int = 0  # 0 means 4 * n_embd, as in every Pythia model
+    block_size: int = 2048  # Pythia's max_position_embeddings: the softmax model's context limit
+    rotary_pct: float = 0.25  # rotary embeddings on the first rotary_pct of each head's dims
+    rotary_base: float = 10000.0
+    parallel_residual: bool = True  # x + attn(ln1(x)) + mlp(ln2(x)), as GPT-NeoX
+    layer_norm_eps: float = 1e-5
+    attention: str = 'dijiang'  # 'softmax' (Pythia) or 'dijiang'
+    form: str = 'chunk'  # 'parallel', 'chunk' or 'recurrent': the same function, three ways
+    chunk_size: int = 64
+    feature_map: str = 'qmc'  # 'qmc' (the paper's quasi-Monte Carlo) or 'mc' (the released code)
+    feature_seed: int = 0  # layer i draws its projection with seed feature_seed + i
+    kernel: str = 'auto'  # 'auto' (Triton on CUDA when available), 'torch' or 'triton'
+
+    def __post_init__(self):
+        if self.intermediate_size == 0:
+            self.intermediate_size = 4 * self.n_embd
+        checks = [
+            (self.attention in ('softmax', 'dijiang'), f"attention={self.attention!r}: use 'softmax' or 'dijiang'"),
+            (self.form in ATTENTION_FORMS, f"form={self.form!r}: use one of {sorted(ATTENTION_FORMS)}"),
+            (self.feature_map in ('qmc', 'mc'), f"feature_map={self.feature_map!r}: use 'qmc' or 'mc'"),
+            (self.kernel in ('auto', 'torch', 'triton'), f"kernel={self.kernel!r}: use 'auto', 'torch' or 'triton'"),
+            (self.n_embd % self.n_head == 0, f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}"),
+            (self.chunk_size > 0, f"chunk_size={self.chunk_size} must be positive"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"GPTConfig: {message}")
+
+    @property
+    def head_size(self):
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def named(cls, name, **overrides):
+        if name not in CONFIGS:
+            raise ValueError(f"unknown model {name!r}: choose one of {', '.join(CONFIGS)}")
+        return cls(**{**CONFIGS[name], **overrides})
+
+
+# The Pythia suite (EleutherAI), sizes as in their config.json files; 'tiny' is for tests and CPU demos.
+CONFIGS = {
+    'tiny':        dict(n_layer=2, n_head=4, n_embd=64),
+    'pythia-70m':  dict(n_layer=6, n_head=8, n_embd=512),
+    'pythia-160m': dict(n_layer=12, n_head=12, n_embd=768),
+    'pythia-410m': dict(n_layer=24, n_head=16, n_embd=1024),
+    'pythia-1b':   dict(n_layer=16, n_head=8, n_embd=2048),
+    'pythia-1.4b': dict(n_layer=24, n_head=16, n_embd=2048),
+    'pythia-2.8b': dict(n_layer=32, n_head=32, n_embd=2560),
+    'pythia-6.9b': dict(n_layer=32, n_head=32, n_embd=4096, vocab_size=50432),
+    'pythia-12b':  dict(n_layer=36, n_head=40, n_embd=5120, vocab_size=50688),
+}
+
+# -----------------------------------------------------------------------------
+# 2. Rotary position embeddings
+
+
+def rotary_cos_sin(start, length, rotary_dim, base, device):
+    """cos and sin for positions start..start+length-1, each (length, rotary_dim), computed on
+    demand so there is no length limit."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, device=device, dtype=torch.float32) / rotary_dim))
+    positions = torch.arange(start, start + length, device=device, dtype=torch.float32)
+    angles = torch.outer(positions, inv_freq)  # (T, R/2)
+    angles = torch.cat((angles, angles), dim=-1)  # (T, R): GPT-NeoX rotates the two halves, not pairs
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate the first rotary_dim channels of x (B, T, H, D); the rest pass through."""
+    rotary_dim = cos.shape[-1]
+    x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
+    x1, x2 = x_rot.chunk(2, dim=-1)
+    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)  # (T, 1, R) broadcasts over heads
+    x_rot = x_rot * cos + torch.cat((-x2, x1), dim=-1) * sin
+    return torch.cat((x_rot, x_pass), dim=-1)
+
+# -----------------------------------------------------------------------------
+# 3. DiJiang: the feature map, the decay and three forms of the attention
+
+
+def projection_matrix(head_size, feature_map='qmc', seed=0):
+    """P = C @ diag(t), (D, D) fp32. C is the orthonormal DCT-II matrix, so x @ P applies the
+    inverse DCT and then scales frequency j by t_j = Phi^-1(u_j), Phi the standard normal CDF.
+    'mc' draws u i.i.d. uniform, as the released code; 'qmc' takes a scrambled van der Corput
+    (1-D Halton) sequence, the paper's weighted quasi-Monte Carlo, which covers (0, 1) evenly."""
+    if feature_map == 'mc':
+        u = torch.rand(head_size, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).numpy()
+    else:
+        u = scipy.stats.qmc.Halton(d=1, scramble=True, seed=seed).random(head_size)[:, 0]
+    t = scipy.stats.norm.ppf(u)
+    t[~np.isfinite(t)] = 0.0  # u = 0 gives -inf; the released code sets it to 0
+    C = scipy.fft.dct(np.eye(head_size), axis=0, norm='ortho')
+    return torch.from_numpy(C * t[None, :]).float()  # C @ diag(t) scales the columns
+
+
+def decay_schedule(n_head):
+    """gamma_h = 1 - exp(linspace(ln 1/32, ln 1/512, H)), from 0.96875 to 0.99805 (RetNet's schedule).
+    Computed in fp32 as the released code does, so imported models get identical decays."""
+    return 1 - torch.exp(torch.linspace(math.log(1 / 32), math.log(1 / 512), n_head))
+
+
+def feature_map(x, proj):
+    """phi(x) = softmax(x @ P) over the feature dim, in fp32. No 1/sqrt(D) scale, as released."""
+    return torch.softmax(x.float() @ proj.float(), dim=-1)
+
+
+def relative_decay(log_gamma, distance):
+    """gamma^distance for distance >= 0 and 0 where distance < 0 (the causal mask), built in float64
+    and returned in fp32. log_gamma (H,), distance (...) integer -> (H, ...)."""
+    exponent = distance.clamp(min=0).double() * log_gamma.double().view(-1, *[1] * distance.dim())
+    return torch.where(distance >= 0, exponent.exp(), 0.0).float()
+
+
+def add_initial_state(o, final_state, phi_q, log_gamma, state):
+    """Add the contribution of a state carried in from earlier tokens: it reaches the token at offset
+    n decayed by gamma^(n+1), and the end of the sequence by gamma^T. These powers only shrink, so a
+    long sequence underflows them to 0 (the true value), never overflows."""
+    T = phi_q.shape[1]
+    steps = torch.arange(1, T + 1, device=phi_q.device)
+    q_decayed = phi_q * relative_decay(log_gamma, steps).T[None, :, :, None]  # (B, T, H, D)
+    o = o + torch.einsum('bthd,bhde->bthe', q_decayed, state)
+    final_state = final_state + relative_decay(log_gamma, steps[-1:]).view(1, -1, 1, 1) * state
+    return o, final_state
+
+
+def attention_parallel(phi_q, phi_k, v, decay, state=None):
+    """The reference: o_n = sum_{m<=n} gamma^(n-m) (phi_q_n . phi_k_m) v_m as one (T, T) matrix per head.
+    phi_q, phi_k (B, T, H, D), v (B, T, H, Dv), decay (H,). Returns o (B, T, H, Dv) in v's dtype and
+    the final state (B, H, D, Dv) fp32, the same one the recurrent form would hold after token T-1."""
+    T = v.shape[1]
+    log_gamma = decay.double().log()
+    q, k, vf = phi_q.float(), phi_k.float(), v.float()
+    n = torch.arange(T, device=v.device)
+    decay_matrix = relative_decay(log_gamma, n[:, None] - n[None, :])  # (H, T, T), zero above the diagonal
+    scores = torch.einsum('bnhd,bmhd->bhnm', q, k) * decay_matrix  # (B, H, T, T)
+    o = torch.einsum('bhnm,bmhe->bnhe', scores, vf)  # (B, T, H, Dv)
+    k_to_end = k * relative_decay(log_gamma, T - 1 - n).T[None, :, :, None]  # key m decays gamma^(T-1-m) to the end
+    final_state = torch.einsum('bmhd,bmhe->bhde', k_to_end, vf)  # (B, H, D, Dv)
+    if state is not None:
+        o, final_state = add_initial_state(o, final_state, q, log_gamma, state)
+    return o.to(v.dtype), final_state
+
+
+def decayed_prefix_sum(x, log_step_decay):
+    """y_c = sum_{c' <= c} g^(c - c') x_c' along dim 2 of x (B, H, N, ...), with g = exp(log_step_decay)
+    per head: the state at the end of each chunk. A Hillis-Steele scan: after the pass with offset s,
+    y_c sums the 2s chunks ending at c, so log2(N) batched passes replace a loop over chunks."""
+    N, offset = x.shape[2], 1
+    while offset < N:
+        g = (log_step_decay * offset).exp().view(1, -1, *[1] * (x.dim() - 2))  # (1, H, 1, ...)
+        x = torch.cat((x[:, :, :offset], x[:, :, offset:] + g * x[:, :, :-offset]), dim=2)
+        offset *= 2
+    return x
+
+
+def attention_chunk(phi_q, phi_k, v, decay, state=None, chunk_size=64):
+    """Chunkwise form, O(T) memory. Inside a chunk of C tokens the decays are gamma^(i-j); across chunks
+    a state carries everything before, decayed by gamma^C per chunk. Same inputs and outputs as
+    attention_parallel."""
+    B, T, H, D = phi_q.shape
+    Dv, C = v.shape[-1], chunk_size
+    pad = -T % C
+    # Pad at the front with zeros: a zero key adds nothing to any state, so the state at the end is exact.
+    q, k, vf = (F.pad(x.float(), (0, 0, 0, 0, pad, 0)) for x in (phi_q, phi_k, v))
+    N = (T + pad) // C
+    q, k = (x.view(B, N, C, H, D).permute(0, 3, 1, 2, 4) for x in (q, k))  # (B, H, N, C, D)
+    vf = vf.view(B, N, C, H, Dv).permute(0, 3, 1, 2, 4)  # (B, H, N, C, Dv)
+    log_gamma = decay.double().log()
+    i = torch.arange(C, device=v.device)
+
+    # within each chunk: the parallel form on C tokens
+    scores = (q @ k.transpose(-1, -2)) * relative_decay(log_gamma, i[:, None] - i[None, :])[:, None]  # (B, H, N, C, C)
+    o = scores @ vf  # (B, H, N, C, Dv)
+
+    # each chunk's own keys, decayed to its last token, sum to its state increment
+    k_to_end = k * relative_decay(log_gamma, C - 1 - i)[:, None, :, None]  # (B, H, N, C, D)
+    chunk_states = decayed_prefix_sum(k_to_end.transpose(-1, -2) @ vf, log_gamma.float() * C)  # (B, H, N, D, Dv)
+    # token i of chunk c reads the state at the end of chunk c-1, decayed by gamma^(i+1)
+    states_before = torch.cat((torch.zeros_like(chunk_states[:, :, :1]), chunk_states[:, :, :-1]), dim=2)
+    q_from_start = q * relative_decay(log_gamma, i + 1)[:, None, :, None]
+    o = o + q_from_start @ states_before
+
+    o = o.permute(0, 2, 3, 1, 4).reshape(B, N * C, H, Dv)[:, pad:]  # (B, T, H, Dv)
+    final_state = chunk_states[:, :, -1]  # (B, H, D, Dv)
+    if state is not None:
+        o, final_state = add_initial_state(o, final_state, phi_q.float(), log_gamma, state)
+    return o.to(v.dtype), final_state
+
+
+def attention_recurrent(phi_q, phi_k, v, decay, state=None):
+    """Token by token: S_n = gamma S_{n-1} + phi_k_n^T v_n, o_n = phi_q_n S_n. O(1) work and memory
+    per token: the decoding path. Same inputs and outputs as attention_parallel."""
+    B, T, H, D = phi_q.shape
+    S = v.new_zeros(B, H, D, v.shape[-1], dtype=torch.float32) if state is None else state.float()
+    gamma = decay.float().view(1, H, 1, 1)
+    outputs = []
+    for t in range(T):
+        S = gamma * S + phi_k[:, t, :, :, None].float() * v[:, t, :, None, :].float()  # (B, H, D, Dv)
+        outputs.append(torch.einsum('bhd,bhde->bhe', phi_q[:, t].float(), S))
+    return torch.stack(outputs, dim=1).to(v.dtype), S
+
+
+ATTENTION_FORMS = {'parallel': attention_parallel, 'chunk': attention_chunk, 'recurrent': attention_recurrent}
+
+# -----------------------------------------------------------------------------
+# 4. Modules
+
+
+class SoftmaxAttention(nn.Module):
+    """Pythia's attention: causal softmax through F.scaled_dot_product_attention, with a KV cache."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.n_head, self.head_size = config.n_head, config.head_size
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.proj = nn.Linear(config.n_embd, config.n_embd)
+
+    def forward(self, x, cos, sin, past=None):
+        """x (B, T, C); past: (k, v) of earlier tokens or None. Returns (y, (k, v))."""
+        B, T, C = x.shape
+        # Pythia lays the fused projection out per head as [q | k | v]
+        q, k, v = self.qkv(x).view(B, T, self.n_head, 3 * self.head_size).split(self.head_size, dim=-1)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        if past is not None:
+            k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
+        T_past = k.shape[2] - T
+        if T_past == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # the new tokens see all of the past and are causal among themselves
+            mask = torch.ones(T, T_past + T, dtype=torch.bool, device=x.device).tril(diagonal=T_past)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.proj(y), (k, v)
+
+
+class DiJiangAttention(nn.Module):
+    """DiJiang attention, as the released code computes it:
+    rotary q, k -> phi = softmax(. @ P) -> decayed linear attention -> GroupNorm -> * silu(x W_G) -> dense."""
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.config = config
+        self.n_head, self.head_size = config.n_head, config.head_size
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.proj = nn.Linear(config.n_embd, config.n_embd)
+        self.gate = nn.Linear(config.n_embd, config.n_embd, bias=False)  # the released W_G (gate.weight = W_G^T)
+        nn.init.xavier_uniform_(self.gate.weight, gain=2 ** -2.5)
+        # The released grouping: head_size groups over the concatenated heads, so the groups do not line
+        # up with the heads (70M: 64 groups of 8 channels across 8 heads). Kept for exact imports.
+        self.group_norm = nn.GroupNorm(num_groups=config.head_size, num_channels=config.n_embd, eps=1e-5)
+        # fixed, not trained, saved with the model
+        self.register_buffer('feature_proj', projection_matrix(config.head_size, config.feature_map,
+                                                               config.feature_seed + layer_idx))
+        self.register_buffer('decay', decay_schedule(config.n_head))
+
+    def _apply(self, fn, recurse=True):
+        # Keep the fixed decay and projection in fp32 when the model is cast to bf16 or fp16:
+        # gamma = 0.998 would round to 1.0 in bf16 and the memory would never fade.
+        fixed = {name: self._buffers[name] for name in ('feature_proj', 'decay')}
+        super()._apply(fn, recurse)
+        for name, tensor in fixed.items():
+            self._buffers[name] = tensor.to(self._buffers[name].device)
+        return self
+
+    def forward(self, x, cos, sin, past=None):
+        """x (B, T, C); past: the recurrent state (B, H, D, D) fp32 after earlier tokens, or None.
+        Returns (y, state after the last token)."""
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, self.n_head, 3 * self.head_size).split(self.head_size, dim=-1)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # (B, T, H, D)
+        phi_q, phi_k = feature_map(q, self.feature_proj), feature_map(k, self.feature_proj)
+        form = 'recurrent' if T == 1 else self.config.form  # one new token is one recurrent step
+        if form == 'chunk':
+            o, state = attention_chunk(phi_q, phi_k, v, self.decay, past, self.config.chunk_size)
+        else:
+            o, state = ATTENTION_FORMS[form](phi_q, phi_k, v, self.decay, past)
+        y = self.group_norm(o.reshape(B * T, C)).view(B, T, C)  # per token, over the concatenated heads
+        y = y * F.silu(self.gate(x))
+        return self.proj(y), state
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.up = nn.Linear(config.n_embd, config.intermediate_size)
+        self.down = nn.Linear(config.intermediate_size, config.n_embd)
+
+    def forward(self, x):
+        return self.down(F.gelu(self.up(x)))  # exact (erf) GELU, as Pythia
+
+
+class Block(nn.Module):
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.parallel_residual = config.parallel_residual
+        self.ln_attn = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
+        self.ln_mlp = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
+        self.attn = DiJiangAttention(config, layer_idx) if config.attention == 'dijiang' else SoftmaxAttention(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, past=None):
+        attn_out, state = self.attn(self.ln_attn(x), cos, sin, past)
+        if self.parallel_residual:  # GPT-NeoX: attention and MLP both read the block's input
+            return x + attn_out + self.mlp(self.ln_mlp(x)), state
+        x = x + attn_out
+        return x + self.mlp(self.ln_mlp(x)), state
+
+
+@dataclass
+class Cache:
+    """What incremental decoding carries between calls: how many tokens were seen, and per layer the
+    (k, v) of every earlier token (softmax) or one fixed-size recurrent state (dijiang)."""
+    pos: int
+    layers: list
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.n_embd)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)  # untied, as Pythia
+        self._init_weights()
+
+    def _init_weights(self):
+        # GPT-NeoX's normal(0, 0.02), with the residual outputs scaled down by the depth (GPT-2);
+        # the DiJiang gate keeps its own xavier init, and the norms their ones and zeros.
+        for name, p in self.named_parameters():
+            if name.endswith('bias'):
+                nn.init.zeros_(p)
+            elif name.endswith(('attn.proj.weight', 'mlp.down.weight')):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * self.config.n_layer))
+            elif p.dim() == 2 and not name.endswith('gate.weight'):
+                nn.init.normal_(p, std=0.02)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, T):
+        """Training FLOPs per token (forward + backward), for MFU: 6 per parameter plus attention.
+        Softmax: PaLM's 12 * L * C * T. DiJiang, per head and token: the feature maps (4 D^2), the
+        state update and read (4 D^2) and the intra-chunk products (4 C_chunk D), times 3 for backward."""
+        cfg, D = self.config, self.config.head_size
+        if cfg.attention == 'softmax':
+            attention = 12 * cfg.n_layer * cfg.n_embd * T
+        else:
+            attention = 3 * cfg.n_layer * cfg.n_head * (8 * D * D + 4 * min(cfg.chunk_size, T) * D)
+        return 6 * self.num_params() + attention
+
+    def new_cache(self):
+        return Cache(pos=0, layers=[None] * self.config.n_layer)
+
+    def forward(self, idx, targets=None, cache=None):
+        """idx (B, T) token ids. Returns logits (B, T, vocab_size) fp32 and the mean cross-entropy
+        against targets (B, T) (-1 entries are ignored), or None. With a cache, idx continues the
+        tokens seen so far and the cache is updated in place."""
+        B, T = idx.shape
+        start = 0 if cache is None else cache.pos
+        if self.config.attention == 'softmax' and start + T > self.config.block_size:
+            raise ValueError(f"{start + T} tokens of context, but this softmax model has block_size="
+                             f"{self.config.block_size}: shorten the input, or use attention='dijiang'")
+        cos, sin = rotary_cos_sin(start, T, int(self.config.head_size * self.config.rotary_pct),
+                                  self.config.rotary_base, idx.device)
+        x = self.embed(idx)  # (B, T, C)
+        for i, block in enumerate(self.layers):
+            x, state = block(x, cos, sin, None if cache is None else cache.layers[i])
+            if cache is not None:
+                cache.layers[i] = state
+        if cache is not None:
+            cache.pos += T
+        logits = self.lm_head(self.ln_f(x)).float()
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    @torch.no_grad()
+    def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None):
+        """Yield max_new_tokens next tokens (B, 1) one at a time. The prompt is processed once
+        (dijiang: the configured form, 'chunk' by default); each new token then costs one step
+        against the cache: a growing KV cache for softmax, a fixed-size state for dijiang."""
+        cache = self.new_cache()
+        logits, _ = self(idx, cache=cache)
+        for i in range(max_new_tokens):
+            next_token = sample_next_token(logits[:, -1], temperature, top_k, top_p)
+            yield next_token
+            if i + 1 < max_new_tokens:
+                logits, _ = self(next_token, cache=cache)
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None):
+        """Return idx (B, T) extended by max_new_tokens sampled tokens: (B, T + max_new_tokens)."""
+        new = list(self.generate_tokens(idx, max_new_tokens, temperature, top_k, top_p))
+        return torch.cat([idx, *new], dim=1)
+
+    def save_checkpoint(self, out_dir, **extra):
+        """Write out_dir/ckpt.pt (config, weights and any extra entries) and a readable config.json,
+        each atomically: a crash leaves the previous files intact."""
+        os.makedirs(out_dir, exist_ok=True)
+        config = asdict(self.config)
+        atomic_write(os.path.join(out_dir, 'ckpt.pt'),
+                     lambda path: torch.save(dict(config=config, model=self.state_dict(), **extra), path))
+        atomic_write(os.path.join(out_dir, 'config.json'), lambda path: write_text(path, json.dumps(config, indent=2)))
+
+    @classmethod
+    def from_checkpoint(cls, path, **overrides):
+        """Load a directory written by convert.py or train.py. overrides replace config fields, e.g.
+        form='recurrent'. Weights are memory-mapped, and the model is built on the meta device, so a
+        big model is not held twice in memory."""
+        ckpt_path = os.path.join(path, 'ckpt.pt')
+        if not os.path.isfile(ckpt_path):
+            raise FileNotFoundError(f"no checkpoint at {ckpt_path}: pass a directory written by convert.py or train.py")
+        ckpt = torch.load(ckpt_path, map_location='cpu', mmap=True, weights_only=True)
+        known = {f.name for f in fields(GPTConfig)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"unknown config field(s) {', '.join(unknown)}: choose from {', '.join(sorted(known))}")
+        config = GPTConfig(**{**ckpt['config'], **overrides})
+        with torch.device('meta'):
+            model = cls(config)
+        model.load_state_dict(ckpt['model'], assign=True)
+        return model
+
+
+def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None):
+    """Sample one token per row from logits (B, V): greedy at temperature 0, else from the softmax
+    restricted to the top_k tokens and to the smallest set whose probability reaches top_p."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float('-inf'))
+    if top_p is not None:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative - sorted_logits.softmax(dim=-1) >= top_p  # keep tokens until top_p is reached
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float('-inf'))
+    return torch.multinomial(logits.softmax(dim=-1), num_samples=1)
+
+
+def write_text(path, text):
+    with open(path, 'w') as f:
+        f.write(text + '\n')
+
+
+def atomic_write(path, write):
+    """Call write(tmp_path), then rename tmp_path over path, so readers never see a partial file."""
+    tmp_path = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp_path)
+        os.replace(tmp_path, path)
+    finally:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+
+# -----------------------------------------------------------------------------
+# --- Tokenizer ---
