@@ -125,7 +125,7 @@ def projection_matrix(head_size, feature_map='qmc', seed=0):
     'mc' draws u i.i.d. uniform, as the released code; 'qmc' takes a scrambled van der Corput
     (1-D Halton) sequence, the paper's weighted quasi-Monte Carlo, which covers (0, 1) evenly."""
     if feature_map == 'mc':
-        u = torch.rand(head_size, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).numpy()
+        u = torch.rand(head_size, generator=torch.Generator().manual_seed(seed), dtype=torch.float64, device='cpu').numpy()
     else:
         u = scipy.stats.qmc.Halton(d=1, scramble=True, seed=seed).random(head_size)[:, 0]
     t = scipy.stats.norm.ppf(u)
@@ -140,42 +140,50 @@ def decay_schedule(n_head):
     return 1 - torch.exp(torch.linspace(math.log(1 / 32), math.log(1 / 512), n_head))
 
 
+def compute_dtype(x):
+    """The attention math runs in fp32 for fp32, bf16 and fp16 inputs, and in float64 for float64
+    inputs, so the same code is its own high-precision reference."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def feature_map(x, proj):
-    """phi(x) = softmax(x @ P) over the feature dim, in fp32. No 1/sqrt(D) scale, as released."""
-    return torch.softmax(x.float() @ proj.float(), dim=-1)
+    """phi(x) = softmax(x @ P) over the feature dim, in fp32 (or float64). No 1/sqrt(D) scale, as released."""
+    dtype = compute_dtype(x)
+    return torch.softmax(x.to(dtype) @ proj.to(dtype), dim=-1)
 
 
-def relative_decay(log_gamma, distance):
-    """gamma^distance for distance >= 0 and 0 where distance < 0 (the causal mask), built in float64
-    and returned in fp32. log_gamma (H,), distance (...) integer -> (H, ...)."""
+def relative_decay(log_gamma, distance, dtype):
+    """gamma^distance for distance >= 0 and 0 where distance < 0 (the causal mask), built in float64.
+    log_gamma (H,), distance (...) integer -> (H, ...) in dtype."""
     exponent = distance.clamp(min=0).double() * log_gamma.double().view(-1, *[1] * distance.dim())
-    return torch.where(distance >= 0, exponent.exp(), 0.0).float()
+    return torch.where(distance >= 0, exponent.exp(), 0.0).to(dtype)
 
 
 def add_initial_state(o, final_state, phi_q, log_gamma, state):
     """Add the contribution of a state carried in from earlier tokens: it reaches the token at offset
     n decayed by gamma^(n+1), and the end of the sequence by gamma^T. These powers only shrink, so a
     long sequence underflows them to 0 (the true value), never overflows."""
-    T = phi_q.shape[1]
+    T, dtype = phi_q.shape[1], phi_q.dtype
     steps = torch.arange(1, T + 1, device=phi_q.device)
-    q_decayed = phi_q * relative_decay(log_gamma, steps).T[None, :, :, None]  # (B, T, H, D)
+    q_decayed = phi_q * relative_decay(log_gamma, steps, dtype).T[None, :, :, None]  # (B, T, H, D)
+    state = state.to(dtype)
     o = o + torch.einsum('bthd,bhde->bthe', q_decayed, state)
-    final_state = final_state + relative_decay(log_gamma, steps[-1:]).view(1, -1, 1, 1) * state
+    final_state = final_state + relative_decay(log_gamma, steps[-1:], dtype).view(1, -1, 1, 1) * state
     return o, final_state
 
 
 def attention_parallel(phi_q, phi_k, v, decay, state=None):
     """The reference: o_n = sum_{m<=n} gamma^(n-m) (phi_q_n . phi_k_m) v_m as one (T, T) matrix per head.
-    phi_q, phi_k (B, T, H, D), v (B, T, H, Dv), decay (H,). Returns o (B, T, H, Dv) in v's dtype and
-    the final state (B, H, D, Dv) fp32, the same one the recurrent form would hold after token T-1."""
-    T = v.shape[1]
+    phi_q, phi_k (B, T, H, D), v (B, T, H, Dv), decay (H,), state (B, H, D, Dv) or None. Returns o
+    (B, T, H, Dv) in v's dtype and the state after token T-1 (B, H, D, Dv), in compute_dtype(v)."""
+    T, dtype = v.shape[1], compute_dtype(v)
     log_gamma = decay.double().log()
-    q, k, vf = phi_q.float(), phi_k.float(), v.float()
+    q, k, vf = phi_q.to(dtype), phi_k.to(dtype), v.to(dtype)
     n = torch.arange(T, device=v.device)
-    decay_matrix = relative_decay(log_gamma, n[:, None] - n[None, :])  # (H, T, T), zero above the diagonal
+    decay_matrix = relative_decay(log_gamma, n[:, None] - n[None, :], dtype)  # (H, T, T), zero above the diagonal
     scores = torch.einsum('bnhd,bmhd->bhnm', q, k) * decay_matrix  # (B, H, T, T)
     o = torch.einsum('bhnm,bmhe->bnhe', scores, vf)  # (B, T, H, Dv)
-    k_to_end = k * relative_decay(log_gamma, T - 1 - n).T[None, :, :, None]  # key m decays gamma^(T-1-m) to the end
+    k_to_end = k * relative_decay(log_gamma, T - 1 - n, dtype).T[None, :, :, None]  # key m decays gamma^(T-1-m) to the end
     final_state = torch.einsum('bmhd,bmhe->bhde', k_to_end, vf)  # (B, H, D, Dv)
     if state is not None:
         o, final_state = add_initial_state(o, final_state, q, log_gamma, state)
@@ -188,7 +196,7 @@ def decayed_prefix_sum(x, log_step_decay):
     y_c sums the 2s chunks ending at c, so log2(N) batched passes replace a loop over chunks."""
     N, offset = x.shape[2], 1
     while offset < N:
-        g = (log_step_decay * offset).exp().view(1, -1, *[1] * (x.dim() - 2))  # (1, H, 1, ...)
+        g = (log_step_decay * offset).exp().to(x.dtype).view(1, -1, *[1] * (x.dim() - 2))  # (1, H, 1, ...)
         x = torch.cat((x[:, :, :offset], x[:, :, offset:] + g * x[:, :, :-offset]), dim=2)
         offset *= 2
     return x
@@ -199,10 +207,10 @@ def attention_chunk(phi_q, phi_k, v, decay, state=None, chunk_size=64):
     a state carries everything before, decayed by gamma^C per chunk. Same inputs and outputs as
     attention_parallel."""
     B, T, H, D = phi_q.shape
-    Dv, C = v.shape[-1], chunk_size
+    Dv, C, dtype = v.shape[-1], chunk_size, compute_dtype(v)
     pad = -T % C
     # Pad at the front with zeros: a zero key adds nothing to any state, so the state at the end is exact.
-    q, k, vf = (F.pad(x.float(), (0, 0, 0, 0, pad, 0)) for x in (phi_q, phi_k, v))
+    q, k, vf = (F.pad(x.to(dtype), (0, 0, 0, 0, pad, 0)) for x in (phi_q, phi_k, v))
     N = (T + pad) // C
     q, k = (x.view(B, N, C, H, D).permute(0, 3, 1, 2, 4) for x in (q, k))  # (B, H, N, C, D)
     vf = vf.view(B, N, C, H, Dv).permute(0, 3, 1, 2, 4)  # (B, H, N, C, Dv)
@@ -210,34 +218,35 @@ def attention_chunk(phi_q, phi_k, v, decay, state=None, chunk_size=64):
     i = torch.arange(C, device=v.device)
 
     # within each chunk: the parallel form on C tokens
-    scores = (q @ k.transpose(-1, -2)) * relative_decay(log_gamma, i[:, None] - i[None, :])[:, None]  # (B, H, N, C, C)
+    scores = (q @ k.transpose(-1, -2)) * relative_decay(log_gamma, i[:, None] - i[None, :], dtype)[:, None]  # (B, H, N, C, C)
     o = scores @ vf  # (B, H, N, C, Dv)
 
     # each chunk's own keys, decayed to its last token, sum to its state increment
-    k_to_end = k * relative_decay(log_gamma, C - 1 - i)[:, None, :, None]  # (B, H, N, C, D)
-    chunk_states = decayed_prefix_sum(k_to_end.transpose(-1, -2) @ vf, log_gamma.float() * C)  # (B, H, N, D, Dv)
+    k_to_end = k * relative_decay(log_gamma, C - 1 - i, dtype)[:, None, :, None]  # (B, H, N, C, D)
+    chunk_states = decayed_prefix_sum(k_to_end.transpose(-1, -2) @ vf, log_gamma * C)  # (B, H, N, D, Dv)
     # token i of chunk c reads the state at the end of chunk c-1, decayed by gamma^(i+1)
     states_before = torch.cat((torch.zeros_like(chunk_states[:, :, :1]), chunk_states[:, :, :-1]), dim=2)
-    q_from_start = q * relative_decay(log_gamma, i + 1)[:, None, :, None]
+    q_from_start = q * relative_decay(log_gamma, i + 1, dtype)[:, None, :, None]
     o = o + q_from_start @ states_before
 
     o = o.permute(0, 2, 3, 1, 4).reshape(B, N * C, H, Dv)[:, pad:]  # (B, T, H, Dv)
     final_state = chunk_states[:, :, -1]  # (B, H, D, Dv)
     if state is not None:
-        o, final_state = add_initial_state(o, final_state, phi_q.float(), log_gamma, state)
+        o, final_state = add_initial_state(o, final_state, phi_q.to(dtype), log_gamma, state)
     return o.to(v.dtype), final_state
 
 
 def attention_recurrent(phi_q, phi_k, v, decay, state=None):
     """Token by token: S_n = gamma S_{n-1} + phi_k_n^T v_n, o_n = phi_q_n S_n. O(1) work and memory
     per token: the decoding path. Same inputs and outputs as attention_parallel."""
-    B, T, H, D = phi_q.shape
-    S = v.new_zeros(B, H, D, v.shape[-1], dtype=torch.float32) if state is None else state.float()
-    gamma = decay.float().view(1, H, 1, 1)
+    B, _, H, D = phi_q.shape
+    dtype = compute_dtype(v)
+    S = v.new_zeros(B, H, D, v.shape[-1], dtype=dtype) if state is None else state.to(dtype)
+    gamma = decay.to(dtype).view(1, H, 1, 1)
     outputs = []
-    for t in range(T):
-        S = gamma * S + phi_k[:, t, :, :, None].float() * v[:, t, :, None, :].float()  # (B, H, D, Dv)
-        outputs.append(torch.einsum('bhd,bhde->bhe', phi_q[:, t].float(), S))
+    for q_t, k_t, v_t in zip(*(x.to(dtype).unbind(dim=1) for x in (phi_q, phi_k, v))):  # (B, H, D) each
+        S = gamma * S + k_t[..., :, None] * v_t[..., None, :]  # (B, H, D, Dv)
+        outputs.append(torch.einsum('bhd,bhde->bhe', q_t, S))
     return torch.stack(outputs, dim=1).to(v.dtype), S
 
 
@@ -415,7 +424,8 @@ class GPT(nn.Module):
                 cache.layers[i] = state
         if cache is not None:
             cache.pos += T
-        logits = self.lm_head(self.ln_f(x)).float()
+        logits = self.lm_head(self.ln_f(x))
+        logits = logits.to(compute_dtype(logits))  # fp32 logits from a bf16 model
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)

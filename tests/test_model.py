@@ -1,0 +1,246 @@
+"""The model: three attention forms against a float64 reference, long context, decoding, checkpoints.
+
+Tolerances are relative errors ||x - ref|| / ||ref||: 1e-5 for fp32 against float64 (fp32 rounding
+over a few thousand terms lands near 1e-7), 1e-2 for bf16 inputs.
+"""
+import math
+
+import pytest
+import torch
+
+from dijiang import (GPT, GPTConfig, attention_chunk, attention_parallel, attention_recurrent, decay_schedule,
+                     feature_map, projection_matrix)
+
+
+def rel_err(x, ref):
+    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def naive_dijiang(q, k, v, proj, decay):
+    """The formula, written out in float64 with no chunks, states or shared helpers:
+    o_n = sum_{m <= n} gamma^(n - m) (phi(q_n) . phi(k_m)) v_m with phi(x) = softmax(x @ P)."""
+    q, k, v, proj = q.double(), k.double(), v.double(), proj.double()
+    phi_q, phi_k = torch.softmax(q @ proj, -1), torch.softmax(k @ proj, -1)
+    T = q.shape[1]
+    n = torch.arange(T, dtype=torch.float64)
+    distance = n[:, None] - n[None, :]
+    gamma = decay.double()[:, None, None]
+    weights = torch.where(distance >= 0, gamma ** distance.clamp(min=0), torch.zeros(()))  # (H, T, T)
+    scores = torch.einsum('bnhd,bmhd->bhnm', phi_q, phi_k) * weights
+    return torch.einsum('bhnm,bmhe->bnhe', scores, v)
+
+
+def random_qkv(B, T, H, D, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, T, H, D, generator=g).to(dtype) for _ in range(3)]
+
+
+FORMS = [('parallel', {}), ('chunk', dict(chunk_size=16)), ('chunk', dict(chunk_size=64)),
+         ('chunk', dict(chunk_size=100)), ('recurrent', {})]
+ATTENTION = {'parallel': attention_parallel, 'chunk': attention_chunk, 'recurrent': attention_recurrent}
+
+
+@pytest.mark.parametrize('T', [1, 63, 64, 65, 500, 1000])
+@pytest.mark.parametrize('form,kwargs', FORMS, ids=[f"{f}{k.get('chunk_size', '')}" for f, k in FORMS])
+def test_attention_forms_match_float64_formula(T, form, kwargs):
+    B, H, D = 2, 3, 16
+    q, k, v = (x.requires_grad_() for x in random_qkv(B, T, H, D, seed=T))
+    proj, decay = projection_matrix(D, 'qmc', seed=1), decay_schedule(H)
+    o, _ = ATTENTION[form](feature_map(q, proj), feature_map(k, proj), v, decay, **kwargs)
+
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ref = naive_dijiang(q64, k64, v64, proj, decay)
+    assert o.dtype == torch.float32
+    assert rel_err(o, ref) < 1e-5
+
+    cotangent = torch.randn_like(ref)
+    (o.double() * cotangent).sum().backward()
+    (ref * cotangent).sum().backward()
+    for name, x, x64 in (('q', q, q64), ('k', k, k64), ('v', v, v64)):
+        assert rel_err(x.grad, x64.grad) < 1e-5, name
+
+
+@pytest.mark.parametrize('form', ['parallel', 'chunk', 'recurrent'])
+def test_final_state_is_the_recurrent_state(form):
+    """Every form returns the state the recurrence holds after the last token, and continuing from a
+    state equals processing the whole sequence at once."""
+    B, T, H, D = 2, 77, 2, 8
+    q, k, v = random_qkv(B, T, H, D, seed=3, dtype=torch.float64)
+    proj, decay = projection_matrix(D, 'mc', seed=2), decay_schedule(H)
+    phi_q, phi_k = feature_map(q, proj), feature_map(k, proj)
+    kwargs = dict(chunk_size=16) if form == 'chunk' else {}
+    o_full, state_full = attention_recurrent(phi_q, phi_k, v, decay)
+    split = 30
+    o1, state1 = ATTENTION[form](phi_q[:, :split], phi_k[:, :split], v[:, :split], decay, **kwargs)
+    o2, state2 = ATTENTION[form](phi_q[:, split:], phi_k[:, split:], v[:, split:], decay, state1, **kwargs)
+    assert rel_err(torch.cat((o1, o2), dim=1), o_full) < 1e-12
+    assert rel_err(state2, state_full) < 1e-12
+
+
+def test_long_context_65536_tokens_chunk_form():
+    """65,536 tokens in fp32 and bf16: finite, and equal to the same chunkwise form in float64. The
+    released formulation needs gamma^-n, which is already inf in fp32 at this length."""
+    B, T, H, D = 1, 65536, 2, 64
+    decay = decay_schedule(8)[[0, -1]]  # the fastest and the slowest decay of an 8-head model
+    assert torch.isinf(decay[-1] ** -torch.tensor(float(T))), "the released D2 = gamma^-n overflows fp32"
+    q, k, v = random_qkv(B, T, H, D, seed=7)
+    proj = projection_matrix(D)
+    ref, ref_state = attention_chunk(feature_map(q.double(), proj), feature_map(k.double(), proj), v.double(), decay)
+    o, state = attention_chunk(feature_map(q, proj), feature_map(k, proj), v, decay)
+    assert torch.isfinite(o).all() and torch.isfinite(state).all()
+    assert rel_err(o, ref) < 1e-5 and rel_err(state, ref_state) < 1e-5
+    # the tokens at the end see the whole history through the slow head: not a vanishing signal
+    assert o[0, -1, 1].norm() > 1
+    qb, kb, vb = (x.bfloat16() for x in (q, k, v))
+    o_bf16, state_bf16 = attention_chunk(feature_map(qb, proj), feature_map(kb, proj), vb, decay)
+    assert o_bf16.dtype == torch.bfloat16 and torch.isfinite(o_bf16).all() and torch.isfinite(state_bf16).all()
+    assert rel_err(o_bf16, ref) < 1e-2
+
+
+def test_parallel_form_at_4096_tokens_matches_float64():
+    B, T, H, D = 1, 4096, 2, 16
+    q, k, v = random_qkv(B, T, H, D, seed=11)
+    proj, decay = projection_matrix(D), decay_schedule(2)
+    o, _ = attention_parallel(feature_map(q, proj), feature_map(k, proj), v, decay)
+    assert rel_err(o, naive_dijiang(q, k, v, proj, decay)) < 1e-5
+
+
+def test_projection_and_decay_follow_the_released_definitions():
+    D = 64
+    C = torch.from_numpy(__import__('scipy.fft').fft.dct(torch.eye(D).double().numpy(), axis=0, norm='ortho'))
+    assert torch.allclose(C @ C.T, torch.eye(D, dtype=torch.float64), atol=1e-12)  # orthonormal DCT
+    for kind in ('mc', 'qmc'):
+        P = projection_matrix(D, kind, seed=5).double()
+        t = torch.linalg.solve(C, P).diagonal()  # P = C @ diag(t)
+        assert torch.allclose(C * t, P, atol=1e-6)
+        u = torch.special.ndtr(t)
+        if kind == 'qmc':  # one point in each of the D strata of (0, 1): quasi-Monte Carlo coverage
+            strata = (u.sort().values * D).floor()
+            assert torch.equal(strata, torch.arange(D, dtype=strata.dtype))
+    # the released code: P = C @ diag(icdf(u)) with u = torch.rand(D) in fp32
+    u = torch.rand(D, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    t = torch.distributions.Normal(0, 1).icdf(u)
+    assert torch.allclose(projection_matrix(D, 'mc', seed=5).double(), C * t, atol=1e-6)
+    gamma = decay_schedule(16)
+    assert gamma[0].item() == pytest.approx(1 - 1 / 32) and gamma[-1].item() == pytest.approx(1 - 1 / 512)
+    assert torch.all(gamma[1:] > gamma[:-1])
+
+
+def tiny_config(**overrides):
+    return GPTConfig(**{**dict(vocab_size=97, n_layer=2, n_head=4, n_embd=32, intermediate_size=48), **overrides})
+
+
+@pytest.mark.parametrize('parallel_residual', [True, False])
+def test_model_forms_agree_on_logits_and_every_gradient(parallel_residual):
+    torch.manual_seed(0)
+    ref_model = GPT(tiny_config(form='parallel', parallel_residual=parallel_residual)).double()
+    idx = torch.randint(0, 97, (2, 65))
+    targets = torch.randint(0, 97, (2, 65))
+    ref_logits, ref_loss = ref_model(idx, targets)
+    ref_loss.backward()
+    for form, chunk_size in (('parallel', 64), ('chunk', 64), ('chunk', 13), ('recurrent', 64)):
+        model = GPT(tiny_config(form=form, chunk_size=chunk_size, parallel_residual=parallel_residual))
+        model.load_state_dict(ref_model.state_dict())
+        logits, loss = model(idx, targets)
+        loss.backward()
+        assert rel_err(logits, ref_logits) < 1e-5, form
+        ref_params = dict(ref_model.named_parameters())
+        for name, p in model.named_parameters():
+            assert rel_err(p.grad, ref_params[name].grad) < 1e-5, (form, chunk_size, name)
+
+
+def test_prefill_with_chunk_then_continue_recurrent_equals_one_parallel_pass():
+    torch.manual_seed(1)
+    model = GPT(tiny_config(form='chunk', chunk_size=16))
+    idx = torch.randint(0, 97, (3, 90))
+    full = GPT(tiny_config(form='parallel'))
+    full.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        ref, _ = full(idx)
+        cache = model.new_cache()
+        pieces = [model(idx[:, :50], cache=cache)[0]]  # chunk prefill
+        pieces += [model(idx[:, t:t + 1], cache=cache)[0] for t in range(50, 70)]  # recurrent steps
+        pieces.append(model(idx[:, 70:], cache=cache)[0])  # chunk again, from the carried state
+    assert cache.pos == 90
+    assert cache.layers[0].shape == (3, 4, 8, 8)  # (B, H, D, D): constant size, whatever the context
+    assert rel_err(torch.cat(pieces, dim=1), ref) < 1e-5
+
+
+def test_softmax_kv_cache_decoding_matches_full_forward():
+    torch.manual_seed(2)
+    model = GPT(tiny_config(attention='softmax', block_size=64))
+    idx = torch.randint(0, 97, (2, 40))
+    with torch.no_grad():
+        ref, _ = model(idx)
+        cache = model.new_cache()
+        pieces = [model(idx[:, :17], cache=cache)[0]]
+        pieces += [model(idx[:, t:t + 1], cache=cache)[0] for t in range(17, 30)]
+        pieces.append(model(idx[:, 30:], cache=cache)[0])  # several new tokens against a cache
+    assert cache.layers[0][0].shape == (2, 4, 40, 8)  # the KV cache grows with the context
+    assert rel_err(torch.cat(pieces, dim=1), ref) < 1e-5
+    with pytest.raises(ValueError, match='block_size=64'):
+        model(torch.zeros(1, 65, dtype=torch.long))
+
+
+@pytest.mark.parametrize('attention', ['dijiang', 'softmax'])
+def test_greedy_generate_matches_argmax_of_full_forward(attention):
+    torch.manual_seed(3)
+    model = GPT(tiny_config(attention=attention))
+    prompt = torch.randint(0, 97, (2, 11))
+    out = model.generate(prompt, max_new_tokens=8, temperature=0)
+    assert out.shape == (2, 19) and torch.equal(out[:, :11], prompt)
+    with torch.no_grad():
+        for t in range(11, 19):
+            assert torch.equal(model(out[:, :t])[0][:, -1].argmax(-1), out[:, t])
+
+
+def test_sampling_filters():
+    from dijiang import sample_next_token
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]]).log_softmax(-1).repeat(2000, 1)
+    assert set(sample_next_token(logits, top_k=2).unique().tolist()) == {2, 3}
+    probs = logits[0].softmax(-1)  # 0.03, 0.09, 0.24, 0.64: top_p=0.7 keeps the two largest
+    assert probs[3] < 0.7 < probs[3] + probs[2]
+    assert set(sample_next_token(logits, top_p=0.7).unique().tolist()) == {2, 3}
+    assert set(sample_next_token(logits, top_p=0.5).unique().tolist()) == {3}
+
+
+def test_bf16_cast_keeps_decay_and_projection_fp32():
+    model = GPT(tiny_config()).to(torch.bfloat16)
+    attn = model.layers[0].attn
+    assert attn.qkv.weight.dtype == torch.bfloat16
+    assert attn.decay.dtype == torch.float32 and attn.feature_proj.dtype == torch.float32
+    assert torch.equal(attn.decay, decay_schedule(4))
+    logits, _ = model(torch.randint(0, 97, (1, 300)))
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+
+
+def test_checkpoint_round_trip_and_overrides(tmp_path):
+    torch.manual_seed(4)
+    model = GPT(tiny_config(feature_map='mc'))
+    model.save_checkpoint(tmp_path, step=7)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['ckpt.pt', 'config.json']
+    loaded = GPT.from_checkpoint(tmp_path, form='recurrent')
+    assert loaded.config.form == 'recurrent' and loaded.config.feature_map == 'mc'
+    idx = torch.randint(0, 97, (1, 20))
+    with torch.no_grad():
+        assert rel_err(loaded(idx)[0], model(idx)[0]) < 1e-5
+    with pytest.raises(ValueError, match='unknown config field.*nonsense'):
+        GPT.from_checkpoint(tmp_path, nonsense=1)
+    with pytest.raises(FileNotFoundError, match='convert.py or train.py'):
+        GPT.from_checkpoint(tmp_path / 'missing')
+    with pytest.raises(ValueError, match="form='sideways'"):
+        tiny_config(form='sideways')
+
+
+def test_named_configs_have_pythia_sizes():
+    # parameter counts of the Pythia suite as EleutherAI reports them (total, with both embeddings)
+    expected = {'pythia-70m': 70_426_624, 'pythia-160m': 162_322_944, 'pythia-410m': 405_334_016}
+    for name, count in expected.items():
+        with torch.device('meta'):
+            model = GPT(GPTConfig.named(name, attention='softmax'))
+        assert model.num_params() == count, name
+    with torch.device('meta'):
+        dijiang = GPT(GPTConfig.named('pythia-70m'))
+    # DiJiang adds W_G (C x C) and a GroupNorm (2 C) per layer: 1.57M for 70M, as the notes say
+    assert dijiang.num_params() - expected['pythia-70m'] == 6 * (512 * 512 + 2 * 512)
+    assert math.isclose(6 * 512 * 512 / 1e6, 1.57, rel_tol=0.01)
