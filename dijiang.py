@@ -49,7 +49,8 @@ class GPTConfig:
     attention: str = 'dijiang'  # 'softmax' (Pythia) or 'dijiang'
     form: str = 'chunk'  # 'parallel', 'chunk' or 'recurrent': the same function, three ways
     chunk_size: int = 64
-    feature_map: str = 'qmc'  # 'qmc' (the paper's quasi-Monte Carlo) or 'mc' (the released code)
+    feature_map: str = 'qmc'  # 'qmc' (the paper's quasi-Monte Carlo), 'mc' (the released code), or
+                              # 'identity' (phi(x) = x: RetNet-like decayed linear attention, for ablations)
     feature_seed: int = 0  # layer i draws its projection with seed feature_seed + i
     kernel: str = 'auto'  # 'auto' (Triton on CUDA when available), 'torch' or 'triton'
 
@@ -59,7 +60,7 @@ class GPTConfig:
         checks = [
             (self.attention in ('softmax', 'dijiang'), f"attention={self.attention!r}: use 'softmax' or 'dijiang'"),
             (self.form in ATTENTION_FORMS, f"form={self.form!r}: use one of {sorted(ATTENTION_FORMS)}"),
-            (self.feature_map in ('qmc', 'mc'), f"feature_map={self.feature_map!r}: use 'qmc' or 'mc'"),
+            (self.feature_map in ('qmc', 'mc', 'identity'), f"feature_map={self.feature_map!r}: use 'qmc', 'mc' or 'identity'"),
             (self.kernel in ('auto', 'torch', 'triton'), f"kernel={self.kernel!r}: use 'auto', 'torch' or 'triton'"),
             (self.n_embd % self.n_head == 0, f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}"),
             (self.chunk_size > 0, f"chunk_size={self.chunk_size} must be positive"),
@@ -96,12 +97,11 @@ CONFIGS = {
 # 2. Rotary position embeddings
 
 
-def rotary_cos_sin(start, length, rotary_dim, base, device):
-    """cos and sin for positions start..start+length-1, each (length, rotary_dim), computed on
-    demand so there is no length limit."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, device=device, dtype=torch.float32) / rotary_dim))
-    positions = torch.arange(start, start + length, device=device, dtype=torch.float32)
-    angles = torch.outer(positions, inv_freq)  # (T, R/2)
+def rotary_cos_sin(positions, rotary_dim, base):
+    """cos and sin for positions (T,), each (T, rotary_dim), computed on demand so there is no
+    length limit."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, device=positions.device, dtype=torch.float32) / rotary_dim))
+    angles = torch.outer(positions.float(), inv_freq)  # (T, R/2)
     angles = torch.cat((angles, angles), dim=-1)  # (T, R): GPT-NeoX rotates the two halves, not pairs
     return angles.cos(), angles.sin()
 
@@ -123,7 +123,10 @@ def projection_matrix(head_size, feature_map='qmc', seed=0):
     """P = C @ diag(t), (D, D) fp32. C is the orthonormal DCT-II matrix, so x @ P applies the
     inverse DCT and then scales frequency j by t_j = Phi^-1(u_j), Phi the standard normal CDF.
     'mc' draws u i.i.d. uniform, as the released code; 'qmc' takes a scrambled van der Corput
-    (1-D Halton) sequence, the paper's weighted quasi-Monte Carlo, which covers (0, 1) evenly."""
+    (1-D Halton) sequence, the paper's weighted quasi-Monte Carlo, which covers (0, 1) evenly.
+    'identity' is the ablation without a feature map: P = I and no softmax."""
+    if feature_map == 'identity':
+        return torch.eye(head_size, device='cpu')
     if feature_map == 'mc':
         u = torch.rand(head_size, generator=torch.Generator().manual_seed(seed), dtype=torch.float64, device='cpu').numpy()
     else:
@@ -319,7 +322,10 @@ class DiJiangAttention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, self.n_head, 3 * self.head_size).split(self.head_size, dim=-1)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # (B, T, H, D)
-        phi_q, phi_k = feature_map(q, self.feature_proj), feature_map(k, self.feature_proj)
+        if self.config.feature_map == 'identity':
+            phi_q, phi_k = q, k
+        else:
+            phi_q, phi_k = feature_map(q, self.feature_proj), feature_map(k, self.feature_proj)
         form = 'recurrent' if T == 1 else self.config.form  # one new token is one recurrent step
         if form == 'chunk':
             o, state = attention_chunk(phi_q, phi_k, v, self.decay, past, self.config.chunk_size)
@@ -415,15 +421,15 @@ class GPT(nn.Module):
         if self.config.attention == 'softmax' and start + T > self.config.block_size:
             raise ValueError(f"{start + T} tokens of context, but this softmax model has block_size="
                              f"{self.config.block_size}: shorten the input, or use attention='dijiang'")
-        cos, sin = rotary_cos_sin(start, T, int(self.config.head_size * self.config.rotary_pct),
-                                  self.config.rotary_base, idx.device)
+        positions = start + torch.arange(T, device=idx.device)  # start may be a tensor (CUDAGraphDecoder)
+        cos, sin = rotary_cos_sin(positions, int(self.config.head_size * self.config.rotary_pct), self.config.rotary_base)
         x = self.embed(idx)  # (B, T, C)
         for i, block in enumerate(self.layers):
             x, state = block(x, cos, sin, None if cache is None else cache.layers[i])
             if cache is not None:
                 cache.layers[i] = state
         if cache is not None:
-            cache.pos += T
+            cache.pos = cache.pos + T
         logits = self.lm_head(self.ln_f(x))
         logits = logits.to(compute_dtype(logits))  # fp32 logits from a bf16 model
         loss = None
@@ -436,13 +442,20 @@ class GPT(nn.Module):
         """Yield max_new_tokens next tokens (B, 1) one at a time. The prompt is processed once
         (dijiang: the configured form, 'chunk' by default); each new token then costs one step
         against the cache: a growing KV cache for softmax, a fixed-size state for dijiang."""
-        cache = self.new_cache()
-        logits, _ = self(idx, cache=cache)
+        if idx.is_cuda and self.config.attention == 'dijiang':
+            decoder = CUDAGraphDecoder(self, batch_size=idx.shape[0])
+            logits, step = decoder.prefill(idx), decoder.step
+        else:
+            cache = self.new_cache()
+            logits, _ = self(idx, cache=cache)
+
+            def step(token):
+                return self(token, cache=cache)[0]
         for i in range(max_new_tokens):
             next_token = sample_next_token(logits[:, -1], temperature, top_k, top_p)
             yield next_token
             if i + 1 < max_new_tokens:
-                logits, _ = self(next_token, cache=cache)
+                logits = step(next_token)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None):
@@ -477,6 +490,55 @@ class GPT(nn.Module):
             model = cls(config)
         model.load_state_dict(ckpt['model'], assign=True)
         return model
+
+
+class CUDAGraphDecoder:
+    """Decoding one token is launch-bound: a 24-layer model runs hundreds of tiny kernels per token.
+    DiJiang's state has a fixed size, so one decoding step has fixed shapes at any context length and
+    can be captured once in a CUDA graph and replayed with a single launch per token."""
+
+    @torch.no_grad()
+    def __init__(self, model, batch_size):
+        cfg, device = model.config, model.lm_head.weight.device
+        self.model = model
+        self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+        self.position = torch.zeros((), dtype=torch.long, device=device)
+        self.states = [torch.zeros(batch_size, cfg.n_head, cfg.head_size, cfg.head_size, device=device)
+                       for _ in range(cfg.n_layer)]
+        side_stream = torch.cuda.Stream()  # warm up outside the graph: lazy inits, library handles
+        side_stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side_stream):
+            for _ in range(3):
+                self._step()
+        torch.cuda.current_stream().wait_stream(side_stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._step()  # (B, 1, vocab_size), rewritten by every replay
+
+    def _step(self):
+        cache = Cache(pos=self.position, layers=list(self.states))
+        logits, _ = self.model(self.token, cache=cache)
+        for state, new_state in zip(self.states, cache.layers):
+            state.copy_(new_state)  # the graph's inputs are fixed buffers: update them in place
+        return logits
+
+    @torch.no_grad()
+    def prefill(self, idx):
+        """Run the prompt (B, T) in the configured form and load the states it leaves."""
+        cache = self.model.new_cache()
+        logits, _ = self.model(idx, cache=cache)
+        for state, new_state in zip(self.states, cache.layers):
+            state.copy_(new_state)
+        self.position.fill_(cache.pos)
+        return logits
+
+    @torch.no_grad()
+    def step(self, token):
+        """Consume token (B, 1); return the logits (B, 1, vocab_size) for the next one."""
+        self.token.copy_(token)
+        self.graph.replay()
+        self.position += 1
+        return self.logits
 
 
 def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None):

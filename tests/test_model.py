@@ -149,6 +149,22 @@ def test_model_forms_agree_on_logits_and_every_gradient(parallel_residual):
             assert rel_err(p.grad, ref_params[name].grad) < 1e-5, (form, chunk_size, name)
 
 
+def test_identity_feature_map_is_decayed_linear_attention():
+    """The ablation switch: phi(x) = x, so the chunk form must equal the formula with no softmax."""
+    torch.manual_seed(5)
+    model = GPT(tiny_config(feature_map='identity', chunk_size=8))
+    attn, x = model.layers[0].attn, torch.randn(2, 21, 32)
+    q, k, v = attn.qkv(x).view(2, 21, 4, 24).split(8, dim=-1)
+    from dijiang import apply_rotary, rotary_cos_sin
+    cos, sin = rotary_cos_sin(torch.arange(21), 2, 10000.0)
+    q, k = apply_rotary(q, cos, sin).double(), apply_rotary(k, cos, sin).double()
+    n = torch.arange(21.0)
+    weights = torch.where(n[:, None] >= n[None, :], attn.decay.double()[:, None, None] ** (n[:, None] - n[None, :]).clamp(min=0), 0)
+    o = torch.einsum('bhnm,bmhe->bnhe', torch.einsum('bnhd,bmhd->bhnm', q, k) * weights, v.double())
+    expected = attn.proj(attn.group_norm(o.reshape(42, 32).float()).view(2, 21, 32) * torch.nn.functional.silu(attn.gate(x)))
+    assert rel_err(attn(x, cos, sin)[0], expected) < 1e-5
+
+
 def test_prefill_with_chunk_then_continue_recurrent_equals_one_parallel_pass():
     torch.manual_seed(1)
     model = GPT(tiny_config(form='chunk', chunk_size=16))
