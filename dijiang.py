@@ -486,10 +486,21 @@ class GPT(nn.Module):
         if unknown:
             raise ValueError(f"unknown config field(s) {', '.join(unknown)}: choose from {', '.join(sorted(known))}")
         config = GPTConfig(**{**ckpt['config'], **overrides})
-        with torch.device('meta'):
+        # attention='dijiang' on a softmax checkpoint is the paper's linearization: every pretrained
+        # weight is kept and the DiJiang-only parts keep their fresh init, so those must be real tensors.
+        linearize = ckpt['config']['attention'] == 'softmax' and config.attention == 'dijiang'
+        with torch.device('cpu' if linearize else 'meta'):
             model = cls(config)
-        model.load_state_dict(ckpt['model'], assign=True)
+        missing, unexpected = model.load_state_dict(ckpt['model'], strict=False, assign=True)
+        missing = [key for key in missing if not (linearize and key.endswith(DIJIANG_ONLY_KEYS))]
+        if missing or unexpected:
+            raise ValueError(f"{ckpt_path} does not match the config (attention={config.attention!r}): missing "
+                             f"{missing[:4]}, unexpected {unexpected[:4]}; check the overrides")
         return model
+
+
+# what a DiJiang layer has beyond a softmax one: initialized, not imported, when linearizing
+DIJIANG_ONLY_KEYS = ('attn.gate.weight', 'attn.group_norm.weight', 'attn.group_norm.bias', 'attn.feature_proj', 'attn.decay')
 
 
 class CUDAGraphDecoder:

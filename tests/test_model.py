@@ -248,6 +248,22 @@ def test_checkpoint_round_trip_and_overrides(tmp_path):
         tiny_config(form='sideways')
 
 
+def test_linearizing_a_softmax_checkpoint_keeps_every_pretrained_weight(tmp_path):
+    torch.manual_seed(6)
+    teacher = GPT(tiny_config(attention='softmax'))
+    teacher.save_checkpoint(tmp_path)
+    student = GPT.from_checkpoint(tmp_path, attention='dijiang')
+    student_params = student.state_dict()
+    for name, tensor in teacher.state_dict().items():
+        assert torch.equal(student_params[name], tensor), name
+    attn = student.layers[1].attn
+    assert torch.equal(attn.decay, decay_schedule(4)) and torch.equal(attn.feature_proj, projection_matrix(8, 'qmc', 1))
+    assert torch.equal(attn.group_norm.weight, torch.ones(32)) and attn.gate.weight.abs().max() > 0
+    student.save_checkpoint(tmp_path / 'dijiang')
+    with pytest.raises(ValueError, match="missing.*unexpected.*gate"):
+        GPT.from_checkpoint(tmp_path / 'dijiang', attention='softmax')
+
+
 def test_named_configs_have_pythia_sizes():
     # parameter counts of the Pythia suite as EleutherAI reports them (total, with both embeddings)
     expected = {'pythia-70m': 70_426_624, 'pythia-160m': 162_322_944, 'pythia-410m': 405_334_016}
