@@ -322,18 +322,25 @@ class DiJiangAttention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, self.n_head, 3 * self.head_size).split(self.head_size, dim=-1)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # (B, T, H, D)
-        if self.config.feature_map == 'identity':
-            phi_q, phi_k = q, k
-        else:
-            phi_q, phi_k = feature_map(q, self.feature_proj), feature_map(k, self.feature_proj)
-        form = 'recurrent' if T == 1 else self.config.form  # one new token is one recurrent step
-        if form == 'chunk':
-            o, state = attention_chunk(phi_q, phi_k, v, self.decay, past, self.config.chunk_size)
-        else:
-            o, state = ATTENTION_FORMS[form](phi_q, phi_k, v, self.decay, past)
+        o, state = self.attend(q, k, v, past)  # (B, T, H, D)
         y = self.group_norm(o.reshape(B * T, C)).view(B, T, C)  # per token, over the concatenated heads
         y = y * F.silu(self.gate(x))
         return self.proj(y), state
+
+
+    def attend(self, q, k, v, past):
+        """The decayed linear attention on rotary q, k and on v, each (B, T, H, D). Autocast is off
+        here: the forms choose their own precision (fp32 features, decays and states), which bf16
+        would spoil over long contexts."""
+        with torch.autocast(q.device.type, enabled=False):
+            if self.config.feature_map == 'identity':
+                phi_q, phi_k = q, k
+            else:
+                phi_q, phi_k = feature_map(q, self.feature_proj), feature_map(k, self.feature_proj)
+            form = 'recurrent' if q.shape[1] == 1 else self.config.form  # one new token is one recurrent step
+            if form == 'chunk':
+                return attention_chunk(phi_q, phi_k, v, self.decay, past, self.config.chunk_size)
+            return ATTENTION_FORMS[form](phi_q, phi_k, v, self.decay, past)
 
 
 class MLP(nn.Module):
