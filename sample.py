@@ -1,0 +1,183 @@
+"""
+Sample from a model trained by train.py or converted by convert.py, printing text as it is generated.
+
+    python sample.py --out_dir=out --start="def main():"
+    python sample.py --out_dir=out-pythia-410m --start=FILE:prompt.txt --num_samples=3 --top_p=0.9
+    python sample.py --out_dir=out --temperature=0 --max_new_tokens=100   # greedy
+    python sample.py --help                                                 # every setting and its default
+
+A DiJiang model reads the prompt in its chunk form, then decodes from the recurrent state: every new
+token costs the same time and memory at any context length, and there is no context limit. A softmax
+(Pythia) model decodes with a KV cache that grows with every token and ends at block_size tokens.
+
+stdout gets the text only: each sample is the prompt followed by what the model wrote, and samples
+are separated by a line of dashes. What was loaded and how fast it decoded go to stderr.
+"""
+
+import os
+import sys
+import time
+
+import torch
+
+from data.prepare import parse_settings, settings_help
+from dijiang import GPT, CUDAGraphDecoder, Tokenizer, sample_next_token
+
+# -----------------------------------------------------------------------------
+# settings: each can be overridden as --name=value
+out_dir = 'out'  # a directory written by train.py or convert.py: ckpt.pt, plus tokenizer.json unless byte-level
+start = '\n'  # the prompt, or FILE:path to read it from a file
+num_samples = 1  # samples to draw, one after the other
+max_new_tokens = 500  # tokens to generate per sample
+temperature = 0.8  # < 1 sharpens the distribution, > 1 flattens it; 0 is greedy (always the most likely token)
+top_k = 200  # sample only from the top_k most likely tokens; 0 means all
+top_p = 1.0  # sample only from the smallest set of tokens whose probability reaches top_p; 1.0 means all
+seed = 1337
+device = 'auto'  # 'auto' (cuda when available, else cpu), 'cpu', 'cuda', 'cuda:1', ...
+dtype = 'auto'  # 'auto' (bfloat16 on CUDA, float32 on CPU), 'bfloat16', 'float16' or 'float32'
+compile = False  # dijiang on CUDA: replay each decoding step as one CUDA graph; otherwise torch.compile the model
+# -----------------------------------------------------------------------------
+SETTINGS = {name: value for name, value in globals().items()
+            if not name.startswith('_') and isinstance(value, (bool, int, float, str))}
+
+
+def load_tokenizer(out_dir, ckpt):
+    """The model's tokenizer: byte-level when its checkpoint says so (train.py on the default corpus),
+    else Pythia's BPE from the tokenizer.json that train.py and convert.py put beside ckpt.pt."""
+    if ckpt.get('tokenizer') == 'bytes':
+        return Tokenizer.bytes()
+    if os.path.isfile(os.path.join(out_dir, 'tokenizer.json')):
+        return Tokenizer.from_dir(out_dir)
+    raise SystemExit(f"error: {out_dir} has no tokenizer.json and its ckpt.pt does not say tokenizer='bytes': "
+                     f"copy the model's tokenizer.json (e.g. from its Pythia download) into {out_dir}")
+
+
+def read_prompt(start):
+    if not start.startswith('FILE:'):
+        return start
+    path = start.removeprefix('FILE:')
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: --start=FILE:{path}: no such file")
+    with open(path, encoding='utf-8') as f:
+        return f.read()
+
+
+def decoding_memory(config, dtype):
+    """What decoding holds per sequence: DiJiang's fixed (H, D, D) fp32 state per layer, or the
+    softmax model's keys and values, 2 * (H, D) per layer for every token of context."""
+    H, D, L = config.n_head, config.head_size, config.n_layer
+    if config.attention == 'dijiang':
+        return f"decoding state {L * H * D * D * 4 / 2 ** 20:.2f} MiB per sequence, the same at any context length"
+    per_token = 2 * L * H * D * dtype.itemsize
+    return (f"KV cache {per_token / 2 ** 10:.1f} KiB per token of context, "
+            f"{per_token * config.block_size / 2 ** 20:.1f} MiB at the limit of {config.block_size} tokens")
+
+
+class TextStream:
+    """Turns tokens into text as they arrive. A BPE token can end inside a multi-byte UTF-8 character
+    (a byte-level model always emits characters a byte at a time), and decoding it alone would show
+    U+FFFD. So the tokens since the last whole-character boundary are decoded together, and trailing
+    replacement characters, which may be a character still being written, are held back until the
+    next token finishes it. The printed text is then exactly tokenizer.decode of all the tokens."""
+
+    max_pending = 64  # past this many tokens without a boundary the bytes are not text: print them as U+FFFD
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.pending = []  # tokens since the text last ended on a whole character
+        self.printed = 0  # characters of decode(pending) already returned
+
+    def push(self, token):
+        """Add one token id; return the text that is now final ('' while a character is unfinished)."""
+        if token < self.tokenizer.vocab_size:  # the embedding's padding rows past the vocab have no text
+            self.pending.append(token)
+        text = self.tokenizer.decode(self.pending)
+        final = text if len(self.pending) > self.max_pending else text.rstrip('\ufffd')
+        new = text[self.printed:len(final)]
+        self.printed = len(final)
+        if final == text:  # a character boundary: start afresh, so each decode stays short
+            self.pending, self.printed = [], 0
+        return new
+
+    def flush(self):
+        """The rest of the text at the end of a sample."""
+        text = self.tokenizer.decode(self.pending)[self.printed:]
+        self.pending, self.printed = [], 0
+        return text
+
+
+def generate_tokens(model, idx, decoder=None):
+    """Yield max_new_tokens next tokens (1, 1): model.generate_tokens, or the same loop with every
+    decoding step replayed from a CUDA graph when a decoder is given."""
+    sampling = dict(temperature=temperature, top_k=top_k or None, top_p=top_p if top_p < 1 else None)
+    if decoder is None:
+        yield from model.generate_tokens(idx, max_new_tokens, **sampling)
+        return
+    logits = decoder.prefill(idx)
+    for i in range(max_new_tokens):
+        next_token = sample_next_token(logits[:, -1], **sampling)
+        yield next_token
+        if i + 1 < max_new_tokens:
+            logits = decoder.step(next_token)
+
+
+if __name__ == '__main__':
+    globals().update(parse_settings(sys.argv[1:], SETTINGS, settings_help(__file__)))
+    if device == 'auto':
+        device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    if device.startswith('cuda') and not torch.cuda.is_available():
+        raise SystemExit(f"error: device={device!r} but torch sees no CUDA GPU: use --device=cpu")
+    if dtype == 'auto':
+        dtype = 'bfloat16' if device.startswith('cuda') and torch.cuda.is_bf16_supported() else 'float32'
+    if dtype not in ('bfloat16', 'float16', 'float32'):
+        raise SystemExit(f"error: dtype={dtype!r}: use 'bfloat16', 'float16' or 'float32'")
+    if temperature < 0 or top_k < 0 or not 0 < top_p <= 1 or num_samples < 1 or max_new_tokens < 1:
+        raise SystemExit(f"error: temperature={temperature}, top_k={top_k}, top_p={top_p}, num_samples={num_samples}, "
+                         f"max_new_tokens={max_new_tokens}: need temperature >= 0, top_k >= 0, 0 < top_p <= 1 "
+                         f"and at least one sample of at least one token")
+    torch.manual_seed(seed)
+
+    # model and tokenizer
+    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+    if not os.path.isfile(ckpt_path):
+        raise SystemExit(f"error: no checkpoint at {ckpt_path}: pass --out_dir=DIR written by train.py or convert.py")
+    tokenizer = load_tokenizer(out_dir, torch.load(ckpt_path, map_location='cpu', mmap=True, weights_only=True))
+    model = GPT.from_checkpoint(out_dir)
+    config, torch_dtype = model.config, getattr(torch, dtype)
+    model = model.to(device=device, dtype=torch_dtype).eval()
+
+    # the prompt
+    prompt = tokenizer.encode(read_prompt(start))
+    if not prompt:
+        raise SystemExit("error: the prompt is empty: pass --start=TEXT or --start=FILE:path")
+    if max(prompt) >= config.vocab_size:
+        raise SystemExit(f"error: the prompt has token id {max(prompt)} but the model's vocab_size is {config.vocab_size}: "
+                         f"{out_dir}/tokenizer.json is not this model's tokenizer")
+    context = len(prompt) + max_new_tokens - 1  # the last new token is printed, never fed back
+    if config.attention == 'softmax' and context > config.block_size:
+        raise SystemExit(f"error: the prompt ({len(prompt)} tokens) and max_new_tokens={max_new_tokens} need {context} "
+                         f"tokens of context, but this softmax model has block_size={config.block_size}: shorten "
+                         f"--start or lower --max_new_tokens (a dijiang model has no context limit)")
+    idx = torch.tensor([prompt], dtype=torch.long, device=device)  # (1, T)
+
+    decoder = None
+    if compile and config.attention == 'dijiang' and device.startswith('cuda'):
+        decoder = CUDAGraphDecoder(model, batch_size=1)  # DiJiang's step has fixed shapes: capture it once
+    elif compile:
+        model.compile(dynamic=True)  # a KV cache grows every step: let one compiled graph take any length
+    print(f"{out_dir}: {config.attention} model, {model.num_params() / 1e6:.1f}M parameters, {device} {dtype}, "
+          f"{decoding_memory(config, torch_dtype)}", file=sys.stderr)
+
+    for _ in range(num_samples):
+        stream = TextStream(tokenizer)
+        print(tokenizer.decode(prompt), end='', flush=True)
+        t0 = time.perf_counter()
+        for i, token in enumerate(generate_tokens(model, idx, decoder)):
+            print(stream.push(token.item()), end='', flush=True)  # .item() waits for the GPU: the time is real
+            if i == 0:
+                t_first = time.perf_counter()  # after the prompt is read: the rest is decoding alone
+        print(stream.flush() + '\n---------------', flush=True)
+        t_end = time.perf_counter()
+        decode_rate = (max_new_tokens - 1) / (t_end - t_first) if max_new_tokens > 1 else float('nan')
+        print(f"prompt {len(prompt)} tokens: {(t_first - t0) * 1000:.0f} ms to the first new token; then "
+              f"{decode_rate:.1f} tokens/s over {max_new_tokens - 1} tokens", file=sys.stderr)
