@@ -1,0 +1,199 @@
+"""
+Tests of dijiang_triton.py against a direct float64 evaluation of the DiJiang attention formula.
+They need a GPU and are skipped on CPU; with TRITON_INTERPRET=1 they run on the CPU through
+Triton's interpreter (slow, for kernel development), except the CUDA-graph and 64K-token tests.
+"""
+
+import math
+import os
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() or INTERPRET),
+                                reason="Triton kernels need a CUDA GPU (or TRITON_INTERPRET=1)")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+from dijiang_triton import chunk_attention, recurrent_step  # noqa: E402
+
+
+def make_inputs(B, T, H, D, dtype=torch.bfloat16, seed=0, fused=False):
+    """Random q, k, v like the model's, proj = orthonormal @ diag(normal) like the released P,
+    and RetNet's decay schedule. fused=True makes q, k, v strided views of one qkv tensor."""
+    g = torch.Generator().manual_seed(seed)
+    if fused:
+        qkv = torch.randn(B, T, H, 3 * D, generator=g).to(DEVICE, dtype)
+        q, k, v = qkv.split(D, dim=-1)
+    else:
+        q, k, v = (torch.randn(B, T, H, D, generator=g).to(DEVICE, dtype) for _ in range(3))
+    ortho, _ = torch.linalg.qr(torch.randn(D, D, generator=g, dtype=torch.float64))
+    proj = (ortho * torch.randn(D, generator=g, dtype=torch.float64)).float().contiguous().to(DEVICE)
+    decay = (1 - torch.exp(torch.linspace(math.log(1 / 32), math.log(1 / 512), H))).to(DEVICE)
+    return q, k, v, proj, decay
+
+
+def reference(q, k, v, proj, decay, initial_state=None):
+    """The formula itself, in float64 and O(T^2): o, and the state after the last token."""
+    q, k, v, proj, gamma = (x.double() for x in (q, k, v, proj, decay))
+    phi_q, phi_k = torch.softmax(q @ proj, -1), torch.softmax(k @ proj, -1)  # (B, T, H, D)
+    T = q.shape[1]
+    n = torch.arange(T, device=q.device)
+    diff = n[:, None] - n[None, :]
+    decay_matrix = torch.where(diff >= 0, gamma[:, None, None] ** diff.clamp(min=0), 0.0)  # (H, T, T)
+    scores = torch.einsum("bnhd,bmhd->bhnm", phi_q, phi_k) * decay_matrix
+    o = torch.einsum("bhnm,bmhd->bnhd", scores, v)
+    k_decay = (gamma[None, :] ** (T - 1 - n)[:, None])[None, :, :, None]  # (1, T, H, 1)
+    final = torch.einsum("bmhd,bmhe->bhde", phi_k * k_decay, v)
+    if initial_state is not None:
+        s0 = initial_state.double()
+        q_decay = (gamma[None, :] ** (n + 1)[:, None])[None, :, :, None]
+        o = o + torch.einsum("bnhd,bhde->bnhe", phi_q * q_decay, s0)
+        final = final + gamma[None, :, None, None] ** T * s0
+    return o, final
+
+
+def rel_err(out, ref):
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+@pytest.mark.parametrize("T", [1, 63, 65, 1000] + ([] if INTERPRET else [4097]))
+def test_forward_matches_float64(T):
+    q, k, v, proj, decay = make_inputs(2, T, 2, 64, fused=True, seed=T)
+    s0 = torch.randn(2, 2, 64, 64, device=DEVICE) * 0.1
+    o, final = chunk_attention(q, k, v, proj, decay, initial_state=s0, output_final_state=True)
+    o_ref, final_ref = reference(q, k, v, proj, decay, s0)
+    assert o.dtype == v.dtype and o.shape == v.shape
+    assert rel_err(o, o_ref) < 1e-2
+    assert rel_err(final, final_ref) < 1e-2
+
+
+@pytest.mark.parametrize("T", [1, 63, 65, 1000] + ([] if INTERPRET else [4097]))
+def test_backward_matches_float64(T):
+    q, k, v, proj, decay = make_inputs(1, T, 3, 64, fused=True, seed=T)
+    s0 = torch.randn(1, 3, 64, 64, device=DEVICE) * 0.1
+    do = torch.randn(1, T, 3, 64, device=DEVICE).to(v.dtype)
+    d_final = torch.randn(1, 3, 64, 64, device=DEVICE) * 0.1
+    leaves = [x.detach().requires_grad_() for x in (q, k, v, s0)]
+    o, final = chunk_attention(*leaves[:3], proj, decay, initial_state=leaves[3], output_final_state=True)
+    grads = torch.autograd.grad((o.float() * do).sum() + (final * d_final).sum(), leaves)
+
+    ref_leaves = [x.detach().double().requires_grad_() for x in (q, k, v, s0)]
+    o_ref, final_ref = reference(*ref_leaves[:3], proj, decay, ref_leaves[3])
+    ref_grads = torch.autograd.grad((o_ref * do.double()).sum() + (final_ref * d_final.double()).sum(), ref_leaves)
+    for name, grad, ref in zip(("dq", "dk", "dv", "d_initial_state"), grads, ref_grads):
+        assert rel_err(grad, ref) < 1e-2, name
+
+
+@pytest.mark.parametrize("D", [128, 80, 32])
+def test_other_head_dims(D):
+    T = 130
+    q, k, v, proj, decay = make_inputs(1, T, 2, D, seed=D)
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    o, _ = chunk_attention(*leaves, proj, decay)
+    do = torch.randn_like(o)
+    grads = torch.autograd.grad(o, leaves, do)
+    ref_leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    o_ref, _ = reference(*ref_leaves, proj, decay)
+    ref_grads = torch.autograd.grad(o_ref, ref_leaves, do.double())
+    assert rel_err(o, o_ref) < 1e-2
+    for grad, ref in zip(grads, ref_grads):
+        assert rel_err(grad, ref) < 1e-2
+
+
+def test_float32_inputs_and_small_chunks():
+    q, k, v, proj, decay = make_inputs(2, 100, 2, 64, dtype=torch.float32)
+    o, final = chunk_attention(q, k, v, proj, decay, output_final_state=True, chunk_size=32)
+    o_ref, final_ref = reference(q, k, v, proj, decay)
+    assert o.dtype == torch.float32
+    assert rel_err(o, o_ref) < 1e-2 and rel_err(final, final_ref) < 1e-2
+
+
+def test_state_passing_equals_one_pass():
+    # Two calls chained through the state give the same result as one call over the whole sequence.
+    q, k, v, proj, decay = make_inputs(2, 300, 2, 64)
+    o, final = chunk_attention(q, k, v, proj, decay, output_final_state=True)
+    o1, s1 = chunk_attention(q[:, :137], k[:, :137], v[:, :137], proj, decay, output_final_state=True)
+    o2, s2 = chunk_attention(q[:, 137:], k[:, 137:], v[:, 137:], proj, decay, initial_state=s1, output_final_state=True)
+    assert rel_err(torch.cat([o1, o2], 1), o) < 1e-2
+    assert rel_err(s2, final) < 1e-3
+
+
+@pytest.mark.skipif(INTERPRET, reason="too slow for the interpreter")
+def test_long_sequence_stays_finite_and_exact():
+    # At 65,536 tokens, an absolute gamma^(-n) would overflow; check the last token and the final
+    # state against a float64 sum over the whole sequence.
+    T, H = 65536, 4
+    q, k, v, proj, decay = make_inputs(1, T, H, 64)
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    o, final = chunk_attention(*leaves, proj, decay, output_final_state=True)
+    grads = torch.autograd.grad(o, leaves, torch.randn_like(o))
+    assert torch.isfinite(o).all() and torch.isfinite(final).all()
+    assert all(torch.isfinite(g).all() for g in grads)
+    phi_q, phi_k = (torch.softmax(x.double() @ proj.double(), -1) for x in (q, k))
+    k_decay = decay.double()[None, :] ** torch.arange(T - 1, -1, -1, device=DEVICE)[:, None]  # (T, H)
+    final_ref = torch.einsum("bmhd,bmhe->bhde", phi_k * k_decay[None, :, :, None], v.double())
+    o_last_ref = torch.einsum("bhd,bhde->bhe", phi_q[:, -1], final_ref)
+    assert rel_err(final, final_ref) < 1e-2
+    assert rel_err(o[:, -1], o_last_ref) < 1e-2
+
+
+def test_recurrent_step_matches_chunk_attention():
+    B, T, H, D = 2, 40, 2, 64
+    q, k, v, proj, decay = make_inputs(B, T, H, D)
+    o_ref, final_ref = reference(q, k, v, proj, decay)
+    state = torch.zeros(B, H, D, D, device=DEVICE)
+    outs = [recurrent_step(q[:, t], k[:, t], v[:, t], proj, decay, state) for t in range(T - 1)]
+    outs.append(recurrent_step(q[:, -1:], k[:, -1:], v[:, -1:], proj, decay, state)[:, 0])  # (B, 1, H, D) form
+    o = torch.stack(outs, 1)
+    assert o.dtype == v.dtype
+    assert rel_err(o, o_ref) < 1e-2
+    assert rel_err(state, final_ref) < 1e-4
+
+
+@pytest.mark.parametrize("D", [128, 80])
+def test_recurrent_step_other_head_dims(D):
+    q, k, v, proj, decay = make_inputs(3, 5, 2, D, dtype=torch.float32)
+    state = torch.randn(3, 2, D, D, device=DEVICE)
+    s0 = state.clone()
+    outs = [recurrent_step(q[:, t], k[:, t], v[:, t], proj, decay, state) for t in range(5)]
+    o_ref, final_ref = reference(q, k, v, proj, decay, s0)
+    assert rel_err(torch.stack(outs, 1), o_ref) < 1e-5
+    assert rel_err(state, final_ref) < 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_recurrent_step_cuda_graph():
+    B, H, D = 4, 16, 64
+    q, k, v, proj, decay = make_inputs(B, 3, H, D)
+    state = torch.zeros(B, H, D, D, device=DEVICE)
+    static_in = [x[:, 0].clone() for x in (q, k, v)]
+    recurrent_step(*static_in, proj, decay, state)  # compile outside the capture
+    state.zero_()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = recurrent_step(*static_in, proj, decay, state)
+    state.zero_()
+    outs = []
+    for t in range(3):
+        for dst, src in zip(static_in, (q, k, v)):
+            dst.copy_(src[:, t])
+        graph.replay()
+        outs.append(static_out.clone())
+    o_ref, final_ref = reference(q, k, v, proj, decay)
+    assert rel_err(torch.stack(outs, 1), o_ref) < 1e-2
+    assert rel_err(state, final_ref) < 1e-4
+
+
+def test_matches_dijiang_attention_chunk():
+    dijiang = pytest.importorskip("dijiang")
+    if not hasattr(dijiang, "attention_chunk"):
+        pytest.skip("dijiang.attention_chunk not written yet")
+    q, k, v, proj, decay = make_inputs(2, 201, 4, 64, dtype=torch.float32)
+    s0 = torch.randn(2, 4, 64, 64, device=DEVICE) * 0.1
+    o, final = chunk_attention(q, k, v, proj, decay, initial_state=s0, output_final_state=True)
+    phi_q, phi_k = dijiang.feature_map(q, proj), dijiang.feature_map(k, proj)
+    o_torch, final_torch = dijiang.attention_chunk(phi_q, phi_k, v, decay, s0.clone(), chunk_size=64)
+    assert rel_err(o, o_torch) < 1e-2
+    assert rel_err(final, final_torch) < 1e-2
