@@ -1,0 +1,199 @@
+"""data/prepare.py: Pile-format input to token shards, and the reader train.py uses."""
+import glob
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+import data.prepare as prep
+from dijiang import Tokenizer
+
+PYTHIA_TOKENIZER = os.path.join('..', 'shared', 'pythia', 'tokenizer.json')
+
+DOCS = ["Hello, world!", "def f(x):\n    return x  # two  spaces", "naïve café, 東京, 🙂",
+        "", "The Pile is a dataset.\n\n\tTabs and newlines.", "x" * 300, "last one"] * 3
+
+
+def write_jsonl(path, docs, compress=False):
+    text = ''.join(json.dumps(dict(text=doc, meta=dict(pile_set_name='test'))) + '\n' for doc in docs)
+    if compress:
+        import zstandard
+        with open(path, 'wb') as f:
+            f.write(zstandard.ZstdCompressor().compress(text.encode()))
+    else:
+        with open(path, 'w', encoding='utf-8') as f:
+            f.write(text)
+    return str(path)
+
+
+def expected_tokens(docs, encode, eot, val_every):
+    """Each document then <|endoftext|>; documents i % val_every == 0 go to val."""
+    splits = {'train': [], 'val': []}
+    for i, doc in enumerate(docs):
+        splits['val' if i % val_every == 0 else 'train'] += encode(doc) + [eot]
+    return splits
+
+
+def read_split(out_dir, split):
+    tokens = []
+    for path in sorted(glob.glob(os.path.join(out_dir, f'{split}_*.bin'))):
+        shard = np.fromfile(path, dtype=np.uint16, offset=prep.HEADER_BYTES)
+        assert prep.read_header(path)['num_tokens'] == len(shard)
+        tokens += shard.tolist()
+    return tokens
+
+
+@pytest.mark.parametrize('compress', [False, True], ids=['jsonl', 'jsonl.zst'])
+def test_shards_hold_every_document_then_eot(tmp_path, monkeypatch, compress):
+    monkeypatch.setattr(prep, 'BATCH_BYTES', 100)  # many small batches over 2 worker processes
+    name = 'docs.jsonl.zst' if compress else 'docs.jsonl'
+    path = write_jsonl(tmp_path / name, DOCS, compress)
+    out_dir = prep.prepare(input=path, tokenizer='bytes', out_dir=str(tmp_path / 'out'), shard_tokens=50,
+                           val_every=4, num_workers=2)
+    expected = expected_tokens(DOCS, lambda s: list(s.encode('utf-8')), 256, val_every=4)
+    assert read_split(out_dir, 'train') == expected['train']
+    assert read_split(out_dir, 'val') == expected['val']
+
+    # the header: magic, version, vocab, 2-byte tokens, count, identity; 1024 bytes, then the tokens
+    first = os.path.join(out_dir, 'train_000000.bin')
+    raw = open(first, 'rb').read()
+    assert np.frombuffer(raw[:24], '<i4', 4).tolist() == [240319928, 1, 257, 2]
+    assert np.frombuffer(raw[16:24], '<i8')[0] == 50 and raw[24:88].rstrip(b'\0') == b'bytes'
+    assert raw[88:1024] == bytes(936) and len(raw) == 1024 + 2 * 50
+    summary = json.load(open(os.path.join(out_dir, 'prepare.json')))
+    assert summary['documents'] == len(DOCS) and summary['train']['tokens'] == len(expected['train'])
+    assert len(summary['train']['shards']) == -(-len(expected['train']) // 50)
+
+    # the reader: windows of block_size + 1 tokens, in order, wrapping around
+    shards = prep.Shards(out_dir, 'train', block_size=8)
+    assert shards.num_tokens == len(expected['train'])
+    assert shards.num_windows == sum(max(0, (shard['tokens'] - 1) // 8) for shard in summary['train']['shards'])
+    windows = shards.windows(0, 3)
+    assert windows.dtype == np.int64 and windows.tolist() == [expected['train'][8 * i:8 * i + 9] for i in range(3)]
+    assert shards.windows(shards.num_windows, 1).tolist() == windows[:1].tolist()
+    second_shard = shards.windows(int(shards.first_window[1]), 1)[0].tolist()
+    assert second_shard == expected['train'][50:59]
+
+
+def test_folder_input_reads_files_in_order(tmp_path):
+    folder = tmp_path / 'pile'
+    folder.mkdir()
+    write_jsonl(folder / '00.jsonl', DOCS[:5])
+    write_jsonl(folder / '01.jsonl.zst', DOCS[5:], compress=True)
+    (folder / 'notes.txt').write_text('not input')
+    out_dir = prep.prepare(input=str(folder), tokenizer='bytes', out_dir=str(tmp_path / 'out'), val_every=3, num_workers=1)
+    expected = expected_tokens(DOCS, lambda s: list(s.encode('utf-8')), 256, val_every=3)
+    assert prep.Shards(out_dir, 'train', 4).windows(0, 1)[0].tolist() == expected['train'][:5]
+    assert prep.Shards(out_dir, 'val', 4).num_tokens == len(expected['val'])
+
+
+@pytest.mark.skipif(not os.path.isfile(PYTHIA_TOKENIZER), reason='needs ../shared/pythia/tokenizer.json')
+def test_pythia_tokenizer(tmp_path):
+    path = write_jsonl(tmp_path / 'docs.jsonl', DOCS)
+    out_dir = prep.prepare(input=path, tokenizer=PYTHIA_TOKENIZER, out_dir=str(tmp_path / 'out'), val_every=5,
+                           num_workers=2)
+    tok = Tokenizer.from_file(PYTHIA_TOKENIZER)
+    assert tok.eot_token == 0 and tok.identity.startswith('pythia-')
+    expected = expected_tokens(DOCS, tok.encode, tok.eot_token, val_every=5)
+    train = prep.Shards(out_dir, 'train', 4)
+    assert train.tokenizer == tok.identity and train.vocab_size == tok.vocab_size == 50277
+    assert train.tokens[0].tolist() == expected['train']
+    assert open(os.path.join(out_dir, 'tokenizer.json'), 'rb').read() == open(PYTHIA_TOKENIZER, 'rb').read()
+
+
+def test_wrong_tokenizer_is_refused(tmp_path):
+    out_dir = prep.prepare(input=write_jsonl(tmp_path / 'd.jsonl', DOCS), tokenizer='bytes',
+                           out_dir=str(tmp_path / 'out'), num_workers=1)
+    shards = prep.Shards(out_dir, 'train', 4)
+    with pytest.raises(ValueError, match='tokenized with bytes, the model uses pythia-abc: rerun it'):
+        shards.check_tokenizer('pythia-abc', 50304, 'rerun it')
+    with pytest.raises(ValueError, match="token ids up to 256, the model's vocab_size is 128"):
+        shards.check_tokenizer('bytes', 128, 'rerun it')
+    shards.check_tokenizer('bytes', 384, 'fine')
+    shards.check_tokenizer(None, 257, 'fine: identity unknown, the vocab fits')
+
+    # a file that is not a GPT-NeoX tokenizer.json, and a missing one
+    bogus = tmp_path / 'tokenizer.json'
+    bogus.write_text(json.dumps(dict(model=dict(type='Unigram'))))
+    with pytest.raises((ValueError, KeyError)):
+        prep.prepare(input=str(tmp_path / 'd.jsonl'), tokenizer=str(bogus), out_dir=str(tmp_path / 'o2'))
+    with pytest.raises(ValueError, match='no tokenizer at'):
+        prep.prepare(input=str(tmp_path / 'd.jsonl'), tokenizer=str(tmp_path / 'missing.json'))
+    with pytest.raises(ValueError, match='which tokenizer'):
+        prep.prepare(input=str(tmp_path / 'd.jsonl'))
+
+
+def test_damaged_or_foreign_shards_are_refused(tmp_path):
+    out_dir = prep.prepare(input=write_jsonl(tmp_path / 'd.jsonl', DOCS), tokenizer='bytes',
+                           out_dir=str(tmp_path / 'out'), num_workers=1)
+    path = os.path.join(out_dir, 'train_000000.bin')
+    raw = open(path, 'rb').read()
+    open(path, 'wb').write(raw[:-2])
+    with pytest.raises(ValueError, match='damaged'):
+        prep.Shards(out_dir, 'train', 4)
+    open(path, 'wb').write(b'\0' * 4 + raw[4:])
+    with pytest.raises(ValueError, match='wrong magic'):
+        prep.Shards(out_dir, 'train', 4)
+    open(path, 'wb').write(raw[:4] + np.int32(7).tobytes() + raw[8:])
+    with pytest.raises(ValueError, match='version 7'):
+        prep.Shards(out_dir, 'train', 4)
+    open(path, 'wb').write(raw)
+    prep.write_shard(os.path.join(out_dir, 'train_000001.bin'), np.zeros(9, np.uint16), 300, 'other')
+    with pytest.raises(ValueError, match='made with tokenizer other'):
+        prep.Shards(out_dir, 'train', 4)
+    with pytest.raises(ValueError, match='fewer than block_size'):
+        prep.Shards(out_dir, 'val', 10_000)
+
+
+def test_interrupted_run_leaves_no_corrupt_shard(tmp_path, monkeypatch):
+    monkeypatch.setattr(prep, 'BATCH_BYTES', 100)
+    good = write_jsonl(tmp_path / 'good.jsonl', DOCS)
+    out_dir = prep.prepare(input=good, tokenizer='bytes', out_dir=str(tmp_path / 'out'), shard_tokens=50, num_workers=2)
+    # a rerun that dies partway (a bad line after some shards were written) ...
+    bad = tmp_path / 'bad.jsonl'
+    bad.write_text(open(good).read() * 2 + '{"no text": 1}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl, line 43: not a JSON object with a 'text' field"):
+        prep.prepare(input=str(bad), tokenizer='bytes', out_dir=out_dir, shard_tokens=50, num_workers=2)
+    # ... leaves whole shards only, no temp files, and no prepare.json, so train.py refuses the folder
+    shards = glob.glob(os.path.join(out_dir, '*.bin'))
+    assert shards and sorted(os.listdir(out_dir)) == sorted(os.path.basename(p) for p in shards)
+    for path in shards:
+        assert prep.read_header(path)['num_tokens'] == 50
+    with pytest.raises(ValueError, match='no prepare.json'):
+        prep.Shards(out_dir, 'train', 4)
+    # and a rerun replaces everything
+    prep.prepare(input=good, tokenizer='bytes', out_dir=out_dir, shard_tokens=10_000, num_workers=1)
+    assert sorted(os.listdir(out_dir)) == ['prepare.json', 'train_000000.bin', 'val_000000.bin']
+
+
+def test_zst_without_zstandard_names_the_package(tmp_path, monkeypatch):
+    path = write_jsonl(tmp_path / 'd.jsonl.zst', DOCS, compress=True)
+    monkeypatch.setitem(sys.modules, 'zstandard', None)  # import zstandard now raises ImportError
+    with pytest.raises(SystemExit, match='needs the zstandard package: pip install zstandard'):
+        list(prep.read_batches([path]))
+
+
+def test_default_corpus_is_labelled_pile_format(tmp_path):
+    path = str(tmp_path / 'stdlib.jsonl')
+    documents = prep.build_default_corpus(path, max_bytes=600_000)
+    lines = [json.loads(line) for line in open(path, encoding='utf-8')]
+    assert len(lines) == documents > 79  # all pydoc topics (79 in 3.11, about 465 KB), then stdlib modules
+    assert 600_000 <= sum(len(d['text']) for d in lines) < 900_000
+    sources = [d['meta']['source'] for d in lines]
+    assert any(s.startswith('pydoc_data.topics') for s in sources) and any(s.startswith('Lib/') for s in sources)
+    assert all('stdlib (dijiang default corpus)' in d['meta']['pile_set_name'] for d in lines)
+    assert not any('/test/' in s or s.startswith('Lib/test') for s in sources)
+
+
+def test_settings_parser():
+    settings = dict(input='', shard_tokens=10, val_every=50, corpus_mb=4.0)
+    assert prep.parse_settings(['--input=a b.jsonl', '--shard_tokens=5', '--corpus_mb=1'], settings, '') == \
+        dict(input='a b.jsonl', shard_tokens=5, corpus_mb=1.0)
+    with pytest.raises(SystemExit, match="unknown argument '--nope=1'"):
+        prep.parse_settings(['--nope=1'], settings, '')
+    with pytest.raises(SystemExit, match='expected a int like 10'):
+        prep.parse_settings(['--shard_tokens=many'], settings, '')
+    help_text = prep.settings_help(prep.__file__)
+    assert 'shard_tokens = 100_000_000' in help_text and 'val_every = 50' in help_text
