@@ -1,0 +1,203 @@
+"""train.py on CPU: DDP with gloo against one process, exact resume, checkpoints and the errors.
+Single-process runs execute train.py in this process (runpy) to skip a fresh torch import; DDP
+runs under torchrun."""
+import json
+import os
+import re
+import runpy
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from data.prepare import build_default_corpus, prepare, write_shard
+from dijiang import GPT, GPTConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PYTHIA_TOKENIZER = os.path.join('..', 'shared', 'pythia', 'tokenizer.json')
+# 8 windows of 32 tokens per step, a high lr so 6 steps visibly learn
+SMALL = ['--block_size=32', '--batch_size=256', '--warmup=2', '--lr=1e-2', '--eval_iters=2', '--log_interval=1']
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp('data')
+    build_default_corpus(str(tmp / 'corpus.jsonl'), max_bytes=500_000)
+    return prepare(input=str(tmp / 'corpus.jsonl'), tokenizer='bytes', out_dir=str(tmp / 'bytes'), num_workers=1)
+
+
+def train(*args):
+    """Run train.py with these settings in this process; returns its globals. One thread: these
+    models are so small that a second one only adds synchronization."""
+    argv, threads = sys.argv, torch.get_num_threads()
+    sys.argv = ['train.py', *args]
+    torch.set_num_threads(1)
+    try:
+        return runpy.run_path(os.path.join(ROOT, 'train.py'), run_name='__main__')
+    finally:
+        sys.argv = argv
+        torch.set_num_threads(threads)
+
+
+def read_log(out_dir):
+    with open(os.path.join(out_dir, 'log.jsonl')) as f:
+        return [json.loads(line) for line in f]
+
+
+def weights(out_dir):
+    return GPT.from_checkpoint(out_dir).state_dict()
+
+
+def checksum(out_dir):
+    """What train.py prints per rank: the float64 sum of every parameter."""
+    return sum(p.detach().double().sum().item() for p in GPT.from_checkpoint(out_dir).parameters())
+
+
+def test_ddp_matches_one_process(data_dir, tmp_path):
+    ddp_dir, single_dir = str(tmp_path / 'ddp'), str(tmp_path / 'single')
+    common = [f'--data_dir={data_dir}', '--max_iters=6', '--eval_interval=3', *SMALL]
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    result = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                             'train.py', f'--out_dir={ddp_dir}', '--micro_batch_size=2', *common],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    output = result.stdout
+    assert '6 steps of 256 tokens = 2 ranks * 2 micro-steps * 2 * 32' in output
+
+    # the ranks read different windows: rank r starts at r * micro_batch_size
+    firsts = dict(re.findall(r'rank (\d)/2: first micro-batch = train windows (\d+\.\.\d+)', output))
+    assert firsts == {'0': '0..1', '1': '2..3'}
+    # the weights are the same on both ranks, and they are the ones rank 0 saved
+    sums = dict(re.findall(r'rank (\d)/2: final weights checksum (\S+)', output))
+    assert sums.keys() == {'0', '1'} and float(sums['0']) == float(sums['1']) == checksum(ddp_dir)
+
+    # the loss goes down
+    log = read_log(ddp_dir)
+    assert [row['step'] for row in log] == [0, 1, 2, 3, 4, 5, 6]
+    assert log[-1]['loss'] < log[1]['loss'] - 0.5 and log[-1]['val_loss'] < log[0]['val_loss'] - 0.5
+    assert {'step', 'loss', 'val_loss', 'lr', 'tokens_per_s'} <= log[3].keys()
+
+    # one process with the same global batch (2 micro-steps of 4 windows) lands in the same place
+    train(f'--out_dir={single_dir}', '--micro_batch_size=4', *common)
+    single_log = read_log(single_dir)
+    for ddp_row, single_row in zip(log, single_log):
+        for key in ('loss', 'val_loss', 'lr', 'grad_norm'):
+            if key in ddp_row:
+                assert ddp_row[key] == pytest.approx(single_row[key], rel=1e-4), (ddp_row, single_row)
+    # the weights moved by about 0.05 and agree to 1e-4 (measured: 1.2e-5, from summation order)
+    ddp_weights, single_weights = weights(ddp_dir), weights(single_dir)
+    assert max((ddp_weights[name] - tensor).abs().max().item() for name, tensor in single_weights.items()) < 1e-4
+    # ... which a run that saw only rank 0's share of each batch does not: the comparison can fail
+    half_dir = str(tmp_path / 'half')
+    train(f'--out_dir={half_dir}', *common, '--batch_size=128', '--micro_batch_size=2')
+    assert max((ddp_weights[name] - tensor).abs().max().item() for name, tensor in weights(half_dir).items()) > 1e-2
+
+
+@pytest.fixture(scope='module')
+def halfway(data_dir, tmp_path_factory):
+    """4 steps of an 8-step run: the cosine decays over 8 steps, the run stops at 4 with a checkpoint."""
+    out_dir = str(tmp_path_factory.mktemp('runs') / 'halfway')
+    train(f'--data_dir={data_dir}', f'--out_dir={out_dir}', '--max_iters=4', '--lr_decay_iters=8',
+          '--eval_interval=4', '--micro_batch_size=4', *SMALL)
+    return out_dir
+
+
+def test_resume_is_exact(data_dir, halfway, tmp_path):
+    straight = str(tmp_path / 'straight')
+    train(f'--data_dir={data_dir}', f'--out_dir={straight}', '--max_iters=8', '--eval_interval=4',
+          '--micro_batch_size=4', *SMALL)
+    resumed = str(tmp_path / 'resumed')
+    shutil.copytree(halfway, resumed)
+    # the settings come back from the checkpoint; only the length changes
+    run = train('--init_from=resume', f'--out_dir={resumed}', '--max_iters=8')
+    assert run['start_step'] == 4 and run['micro_batch_size'] == 4 and run['lr_decay_iters'] == 8
+
+    a, b = weights(straight), weights(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+    keys = ('step', 'loss', 'val_loss', 'lr', 'grad_norm')
+    strip = lambda log: [{k: row[k] for k in keys if k in row} for row in log]  # noqa: E731
+    assert strip(read_log(resumed)) == strip(read_log(straight))  # every logged number, bit for bit
+
+    ckpt = torch.load(os.path.join(resumed, 'ckpt.pt'), weights_only=True)
+    assert ckpt['step'] == 8 and ckpt['data_position'] == 8 * 8 and ckpt['tokenizer'] == 'bytes'
+    assert {'optimizer', 'rng', 'settings', 'config', 'model'} <= ckpt.keys()
+    straight_ckpt = torch.load(os.path.join(straight, 'ckpt.pt'), weights_only=True)
+    for state_a, state_b in zip(ckpt['optimizer']['state'].values(), straight_ckpt['optimizer']['state'].values()):
+        assert all(torch.equal(state_a[k], state_b[k]) for k in ('exp_avg', 'exp_avg_sq', 'step'))
+    assert torch.equal(ckpt['rng']['torch'], straight_ckpt['rng']['torch'])
+
+
+def test_non_finite_loss_stops_and_keeps_the_checkpoint(halfway, tmp_path):
+    out_dir = str(tmp_path / 'nan')
+    shutil.copytree(halfway, out_dir)
+    before = open(os.path.join(out_dir, 'ckpt.pt'), 'rb').read()
+    # an absurd learning rate blows the weights up in update 5, so the loss of step 6 is not finite
+    with pytest.raises(SystemExit, match=r'non-finite loss \(nan\) at step 6: stopped; .*ckpt.pt \(step 4\) is the last good'):
+        train('--init_from=resume', f'--out_dir={out_dir}', '--max_iters=8', '--lr=1e38')
+    assert open(os.path.join(out_dir, 'ckpt.pt'), 'rb').read() == before
+    assert [row['step'] for row in read_log(out_dir)][-1] == 5
+
+
+def test_checkpoint_loads_and_errors_are_clear(data_dir, halfway, tmp_path):
+    model = GPT.from_checkpoint(halfway)
+    assert model.config.attention == 'dijiang' and model.config.vocab_size == 384  # 257 padded to 128s
+    assert json.load(open(os.path.join(halfway, 'config.json')))['n_layer'] == 2
+
+    # shards from another tokenizer
+    other = tmp_path / 'other'
+    other.mkdir()
+    for split in ('train', 'val'):
+        write_shard(str(other / f'{split}_000000.bin'), np.arange(100, dtype=np.uint16), 257, 'other-tokenizer')
+    (other / 'prepare.json').write_text('{}')
+    with pytest.raises(SystemExit, match='was tokenized with other-tokenizer, the model uses bytes'):
+        train('--init_from=resume', f'--out_dir={halfway}', f'--data_dir={other}')
+
+    # a model whose vocab is smaller than the data's
+    small_vocab = str(tmp_path / 'small_vocab')
+    GPT(GPTConfig.named('tiny', vocab_size=128)).save_checkpoint(small_vocab)
+    with pytest.raises(SystemExit, match="token ids up to 256, the model's vocab_size is 128"):
+        train(f'--init_from={small_vocab}', f'--data_dir={data_dir}', *SMALL, '--max_iters=1')
+
+    # a softmax model asked for more context than it has
+    softmax = str(tmp_path / 'softmax')
+    GPT(GPTConfig.named('tiny', attention='softmax', vocab_size=384, block_size=16)).save_checkpoint(softmax)
+    with pytest.raises(SystemExit, match=r"block_size=32 is longer than this softmax model's context \(16\)"):
+        train(f'--init_from={softmax}', f'--data_dir={data_dir}', '--attention=softmax', *SMALL, '--max_iters=1')
+
+    # a batch that does not split into micro-batches
+    with pytest.raises(SystemExit, match='batch_size=1000 tokens is not a multiple of'):
+        train(f'--data_dir={data_dir}', f'--out_dir={tmp_path / "x"}', '--batch_size=1000')
+    with pytest.raises(SystemExit, match="unknown argument '--learning_rate=1'"):
+        train('--learning_rate=1')
+    with pytest.raises(SystemExit, match='no prepared data'):
+        train(f'--data_dir={tmp_path / "nothing"}')
+
+
+def test_fine_tune_linearizes_a_softmax_checkpoint(data_dir, tmp_path):
+    teacher = str(tmp_path / 'teacher')
+    GPT(GPTConfig.named('tiny', attention='softmax', vocab_size=384)).save_checkpoint(teacher)
+    out_dir = str(tmp_path / 'student')
+    # the recipe's defaults apply (block 2048, 1000 warmup...) unless overridden; lr=0 keeps the weights
+    run = train(f'--init_from={teacher}', f'--data_dir={data_dir}', f'--out_dir={out_dir}', '--block_size=32',
+                '--batch_size=64', '--micro_batch_size=2', '--max_iters=1', '--eval_iters=1', '--lr=0')
+    assert run['warmup'] == 1000 and run['eval_interval'] == 500
+    student, source = weights(out_dir), weights(teacher)
+    assert GPT.from_checkpoint(out_dir).config.attention == 'dijiang'
+    assert all(torch.equal(student[name], tensor) for name, tensor in source.items())
+    assert 'layers.0.attn.gate.weight' in student and 'layers.0.attn.gate.weight' not in source
+
+
+@pytest.mark.skipif(not os.path.isfile(PYTHIA_TOKENIZER), reason='needs ../shared/pythia/tokenizer.json')
+def test_pythia_data_puts_the_tokenizer_beside_the_checkpoint(tmp_path):
+    corpus = tmp_path / 'docs.jsonl'
+    corpus.write_text(''.join(json.dumps(dict(text=f"Document {i}: the quick brown fox. " * 20)) + '\n' for i in range(40)))
+    data = prepare(input=str(corpus), tokenizer=PYTHIA_TOKENIZER, out_dir=str(tmp_path / 'data'), num_workers=1, val_every=4)
+    out_dir = str(tmp_path / 'out')
+    train(f'--data_dir={data}', f'--out_dir={out_dir}', '--block_size=32', '--batch_size=64', '--micro_batch_size=2',
+          '--max_iters=1', '--eval_iters=1')
+    assert open(os.path.join(out_dir, 'tokenizer.json'), 'rb').read() == open(PYTHIA_TOKENIZER, 'rb').read()
+    assert GPT.from_checkpoint(out_dir).config.vocab_size == 50304
+    assert torch.load(os.path.join(out_dir, 'ckpt.pt'), weights_only=True)['tokenizer'].startswith('pythia-')

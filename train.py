@@ -1,0 +1,383 @@
+"""
+Train a DiJiang (or softmax Pythia) language model on token shards from data/prepare.py.
+
+    python train.py                                    # the demo: a tiny DiJiang model, byte-level, default corpus
+    python train.py --init_from=out-pythia-160m --data_dir=data/00-pythia   # fine-tune a convert.py dir
+    torchrun --standalone --nproc_per_node=8 train.py  # DDP on one node (any of the above)
+    python train.py --init_from=resume                 # continue the run in out_dir, bit for bit
+    python train.py --help                             # every setting and its default
+
+Settings resolve in this order: the defaults below (the demo's); then, for init_from=DIR, the
+released fine-tuning recipe (FINETUNE_RECIPE), or, for init_from=resume, the settings the run in
+out_dir was started with; then the command line. The demo builds its data (data/prepare.py's default
+corpus) on first use.
+
+Ranks read the train windows in order: each optimizer step takes the next batch_size tokens, which
+micro-step m of rank r reads from window position + (m * world_size + r) * micro_batch_size on, so
+no two ranks see the same data and the result does not depend on how the batch is split. The data
+position is saved with each checkpoint.
+"""
+
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from data.prepare import Shards, parse_settings, prepare, settings_help
+from dijiang import GPT, GPTConfig, Tokenizer, atomic_write
+
+# -----------------------------------------------------------------------------
+# settings: each can be overridden as --name=value
+# I/O
+out_dir = 'out'  # checkpoints (ckpt.pt, config.json, tokenizer.json) and log.jsonl; GPT.from_checkpoint(out_dir) loads it
+init_from = 'scratch'  # 'scratch', 'resume' (the run in out_dir) or a directory written by convert.py to fine-tune
+data_dir = 'data/stdlib-bytes'  # shards from data/prepare.py; this default one is built on first use
+# model: `model` applies from scratch; attention, form and feature_map also to init_from=DIR
+model = 'tiny'  # a name in dijiang.CONFIGS: tiny, pythia-70m ... pythia-12b
+attention = 'dijiang'  # 'dijiang' or 'softmax'; a softmax checkpoint trained as 'dijiang' is linearized (the paper)
+form = 'chunk'  # DiJiang's attention form for training: 'chunk' (O(T) memory), 'parallel' or 'recurrent'
+feature_map = 'qmc'  # for new DiJiang layers: 'qmc' (the paper) or 'mc' (the released code)
+# batch and schedule
+block_size = 256  # tokens per sequence
+batch_size = 8192  # tokens per optimizer step, all ranks together: accumulation = batch_size / (micro_batch_size * block_size * world_size)
+micro_batch_size = 16  # sequences per rank in one forward/backward
+max_iters = 600  # optimizer steps; 0 means one epoch of the train split
+lr_decay_iters = 0  # length of the cosine decay in steps; 0 means max_iters
+warmup = 100  # steps of linear warmup
+lr = 3e-4
+min_lr = 0.0  # where the cosine ends (the released recipe's HF cosine ends at 0)
+weight_decay = 0.1  # AdamW, on weight matrices and embeddings only: not on norms, biases or gains
+betas = (0.9, 0.95)
+grad_clip = 1.0  # max global gradient norm; 0 disables clipping
+# eval and logging
+eval_interval = 100  # val loss and a checkpoint every eval_interval steps, and at the end
+eval_iters = 10  # val micro-batches per rank
+log_interval = 10  # a log line every log_interval steps
+peak_flops = 989e12  # per device, for MFU: H100 SXM dense bf16
+# system
+device = 'auto'  # 'auto' (cuda when available, else cpu), 'cpu' or 'cuda'; under torchrun, cuda:LOCAL_RANK
+dtype = 'auto'  # 'auto' (bfloat16 autocast on CUDA, float32 on CPU), 'bfloat16' or 'float32'
+compile = False  # torch.compile the model
+seed = 1337
+# -----------------------------------------------------------------------------
+# Fine-tuning a convert.py directory follows the released DiJiang recipe (HF Trainer, AdamW as above,
+# bf16, block 2048, 1000 warmup steps, cosine, one epoch). Its batch size is not published: this one
+# is Pythia's own, 2M tokens.
+FINETUNE_RECIPE = dict(block_size=2048, batch_size=2 ** 21, micro_batch_size=8, max_iters=0, warmup=1000,
+                       eval_interval=500, eval_iters=50)
+SETTINGS = {name: value for name, value in globals().items()
+            if not name.startswith('_') and isinstance(value, (bool, int, float, str, tuple))}
+DEFAULT_DATA_DIR = data_dir
+
+# Resolve the settings: defaults, then the recipe or the resumed run's, then the command line
+overrides = parse_settings(sys.argv[1:], SETTINGS, settings_help(__file__))
+init_from, out_dir = overrides.get('init_from', init_from), overrides.get('out_dir', out_dir)
+resumed = None  # the checkpoint being resumed
+if init_from == 'resume':
+    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+    if not os.path.isfile(ckpt_path):
+        raise SystemExit(f"error: init_from=resume but there is no {ckpt_path}: pass the run's --out_dir, or init_from=scratch")
+    resumed = torch.load(ckpt_path, map_location='cpu', mmap=True, weights_only=True)
+    base = {**resumed['settings'], 'init_from': 'resume', 'out_dir': out_dir}
+elif init_from != 'scratch':
+    base = FINETUNE_RECIPE
+else:
+    base = {}
+globals().update({**base, **overrides})
+settings = {name: globals()[name] for name in SETTINGS}  # saved with each checkpoint
+
+# -----------------------------------------------------------------------------
+# Processes and devices: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
+
+ddp = 'RANK' in os.environ and 'WORLD_SIZE' in os.environ
+rank, local_rank = int(os.environ.get('RANK', 0)), int(os.environ.get('LOCAL_RANK', 0))
+world_size = int(os.environ.get('WORLD_SIZE', 1))
+master = rank == 0  # logs and writes checkpoints
+if device == 'auto':
+    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+if ddp and device == 'cuda':
+    device = f'cuda:{local_rank}'
+device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+if device_type == 'cuda':
+    torch.cuda.set_device(device)
+if dtype == 'auto':
+    dtype = 'bfloat16' if device_type == 'cuda' and torch.cuda.is_bf16_supported() else 'float32'
+if dtype not in ('bfloat16', 'float32'):
+    raise SystemExit(f"error: dtype={dtype!r}: use 'bfloat16' (autocast, fp32 weights) or 'float32'")
+autocast = torch.autocast(device_type, dtype=torch.bfloat16) if dtype == 'bfloat16' else nullcontext()
+
+# The demo's data is built on first use, by rank 0 before the others can join the process group
+if master and data_dir == DEFAULT_DATA_DIR and not os.path.isfile(os.path.join(data_dir, 'prepare.json')):
+    prepare(out_dir=data_dir)
+if ddp:
+    dist.init_process_group(backend='nccl' if device_type == 'cuda' else 'gloo')
+torch.manual_seed(seed)
+np.random.seed(seed)
+random.seed(seed)
+
+# -----------------------------------------------------------------------------
+# Data
+
+try:
+    train_data = Shards(data_dir, 'train', block_size)
+    val_data = Shards(data_dir, 'val', block_size)
+    val_data.check_tokenizer(train_data.tokenizer, train_data.vocab_size, "rerun data/prepare.py into an empty folder")
+except ValueError as e:
+    raise SystemExit(f"error: {e}")
+
+micro_tokens = micro_batch_size * block_size
+accumulation, remainder = divmod(batch_size, micro_tokens * world_size)
+if remainder or accumulation == 0:
+    raise SystemExit(f"error: batch_size={batch_size} tokens is not a multiple of micro_batch_size * block_size * "
+                     f"world_size = {micro_batch_size} * {block_size} * {world_size}: change one of them")
+windows_per_step = batch_size // block_size
+if max_iters == 0:  # one epoch
+    max_iters = train_data.num_windows // windows_per_step
+    if max_iters == 0:
+        raise SystemExit(f"error: {data_dir} holds {train_data.num_tokens} train tokens, less than one batch of {batch_size}")
+lr_decay_iters = lr_decay_iters or max_iters
+
+
+def window_start(position, micro_step):
+    """The first window this rank reads in micro-step micro_step of the step that starts at position."""
+    return position + (micro_step * world_size + rank) * micro_batch_size
+
+
+def get_batch(data, start):
+    windows = torch.from_numpy(data.windows(start, micro_batch_size))  # (B, T + 1)
+    if device_type == 'cuda':
+        windows = windows.pin_memory().to(device, non_blocking=True)
+    return windows[:, :-1], windows[:, 1:]  # inputs and next-token targets, (B, T) each
+
+# -----------------------------------------------------------------------------
+# Model and optimizer
+
+
+start_step, position = 0, 0  # optimizer steps done and windows consumed
+if init_from == 'scratch':
+    # pad the vocab to a multiple of 128, as GPT-NeoX does (Pythia's 50277 tokens -> 50304)
+    vocab_size = -(-train_data.vocab_size // 128) * 128
+    config = GPTConfig.named(model, attention=attention, form=form, feature_map=feature_map,
+                             block_size=block_size, vocab_size=vocab_size)
+    gpt = GPT(config)
+    model_tokenizer, fix = train_data.tokenizer, ''
+elif init_from == 'resume':
+    gpt = GPT.from_checkpoint(out_dir)
+    start_step, position = resumed['step'], resumed['data_position']
+    model_tokenizer = resumed['tokenizer']
+    fix = f"resume on the data the run used ({resumed['settings']['data_dir']}), or start a new out_dir"
+else:
+    ckpt_path = os.path.join(init_from, 'ckpt.pt')
+    if not os.path.isfile(ckpt_path):
+        raise SystemExit(f"error: init_from={init_from}: no ckpt.pt there; pass 'scratch', 'resume' or a convert.py directory")
+    pretrained = torch.load(ckpt_path, map_location='cpu', mmap=True, weights_only=True)
+    # attention='dijiang' on a softmax checkpoint linearizes it (the paper's Algorithm 1): every
+    # pretrained weight is kept, and the new gate, GroupNorm and P start from the released code's init
+    linearize = pretrained['config']['attention'] == 'softmax' and attention == 'dijiang'
+    try:
+        gpt = GPT.from_checkpoint(init_from, attention=attention, form=form, **({'feature_map': feature_map} if linearize else {}))
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    # the model's tokenizer: named in a train.py checkpoint, or the tokenizer.json beside a convert.py one
+    model_tokenizer = pretrained.get('tokenizer')
+    if model_tokenizer is None and os.path.isfile(os.path.join(init_from, 'tokenizer.json')):
+        model_tokenizer = Tokenizer.from_dir(init_from).identity
+    fix = f"tokenize with python data/prepare.py --tokenizer={init_from} ..."
+    del pretrained
+config = gpt.config
+try:
+    train_data.check_tokenizer(model_tokenizer, config.vocab_size, fix)
+except ValueError as e:
+    raise SystemExit(f"error: {e}")
+tokenizer_json = os.path.join(data_dir, 'tokenizer.json')
+if train_data.tokenizer != 'bytes' and not os.path.isfile(tokenizer_json):
+    raise SystemExit(f"error: {data_dir} was made with {train_data.tokenizer} but holds no tokenizer.json: rerun data/prepare.py")
+if config.attention == 'softmax' and block_size > config.block_size:
+    raise SystemExit(f"error: block_size={block_size} is longer than this softmax model's context "
+                     f"({config.block_size}): lower --block_size, or train it as --attention=dijiang")
+gpt.float().to(device)  # fp32 weights: a converted checkpoint may hold bf16; autocast computes in bf16
+
+# AdamW; weight decay on matrices (linear weights, embeddings), not on norms, biases or gains
+decay_params = [p for p in gpt.parameters() if p.dim() >= 2]
+other_params = [p for p in gpt.parameters() if p.dim() < 2]
+optimizer = torch.optim.AdamW([dict(params=decay_params, weight_decay=weight_decay),
+                               dict(params=other_params, weight_decay=0.0)],
+                              lr=lr, betas=betas, fused=device_type == 'cuda')
+if resumed is not None:
+    optimizer.load_state_dict(resumed['optimizer'])
+    rng = resumed['rng']
+    torch.set_rng_state(rng['torch'])
+    if device_type == 'cuda' and len(rng['cuda']) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(rng['cuda'])
+    np.random.set_state((rng['numpy'][0], rng['numpy'][1].numpy().astype(np.uint32), *rng['numpy'][2:]))
+    random.setstate(rng['python'])
+    del resumed
+
+eval_model = torch.compile(gpt) if compile else gpt
+train_model = DDP(eval_model, device_ids=[local_rank] if device_type == 'cuda' else None,
+                  broadcast_buffers=False) if ddp else eval_model  # the buffers (P, decay) are fixed
+
+
+def lr_at(step):
+    """Learning rate of update step + 1: linear warmup, then cosine from lr to min_lr at lr_decay_iters."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, lr_decay_iters - warmup))
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def mean_over_ranks(value):
+    if ddp:
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)  # gloo has no AVG
+        value = value / world_size
+    return value.item()
+
+
+def train_step(position):
+    """One optimizer step on the batch_size tokens starting at window `position`. Returns the loss
+    and the gradient norm (before clipping), both averaged over the ranks."""
+    loss_sum = torch.zeros((), device=device)
+    for micro_step in range(accumulation):
+        x, y = get_batch(train_data, window_start(position, micro_step))
+        last = micro_step == accumulation - 1
+        with (nullcontext() if last or not ddp else train_model.no_sync()):  # all-reduce grads once, at the last
+            with autocast:
+                _, loss = train_model(x, y)
+            (loss / accumulation).backward()
+        loss_sum += loss.detach()
+    grad_norm = torch.nn.utils.clip_grad_norm_(gpt.parameters(), grad_clip if grad_clip > 0 else math.inf)
+    return mean_over_ranks(loss_sum / accumulation), grad_norm.item()
+
+
+@torch.no_grad()
+def evaluate():
+    """Mean loss over the first eval_iters * world_size val micro-batches: the same tokens every time."""
+    eval_model.eval()
+    loss_sum = torch.zeros((), device=device)
+    for i in range(eval_iters):
+        x, y = get_batch(val_data, (i * world_size + rank) * micro_batch_size)
+        with autocast:
+            loss_sum += eval_model(x, y)[1]
+    eval_model.train()
+    return mean_over_ranks(loss_sum / eval_iters)
+
+
+def rng_state():
+    numpy_state = np.random.get_state()  # ('MT19937', keys uint32 (624,), pos, has_gauss, gauss)
+    return dict(torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state_all() if device_type == 'cuda' else [],
+                numpy=[numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]],
+                python=random.getstate())
+
+
+def save_checkpoint(step, position):
+    gpt.save_checkpoint(out_dir, optimizer=optimizer.state_dict(), step=step, data_position=position,
+                        tokenizer=model_tokenizer or train_data.tokenizer, settings=settings, rng=rng_state())
+
+
+def peak_memory_mib():
+    if device_type == 'cuda':
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10  # the process's peak RSS (KiB on Linux)
+
+
+def stop_non_finite(what, value, step):
+    """Stop all ranks alike (the values are averaged over the ranks) before the update; the last
+    checkpoint stays as it was."""
+    if ddp:
+        dist.destroy_process_group()
+    kept = (f"{out_dir}/ckpt.pt (step {last_saved}) is the last good checkpoint" if last_saved is not None
+            else "no checkpoint was written yet")
+    raise SystemExit(f"error: non-finite {what} ({value}) at step {step}: stopped; {kept}. "
+                     "Lower lr or check the data, then --init_from=resume")
+
+# -----------------------------------------------------------------------------
+# Training loop
+
+
+log_path = os.path.join(out_dir, 'log.jsonl')
+if master:
+    os.makedirs(out_dir, exist_ok=True)
+    if train_data.tokenizer != 'bytes':  # the model's tokenizer goes with its checkpoints
+        atomic_write(os.path.join(out_dir, 'tokenizer.json'), lambda tmp: shutil.copyfile(tokenizer_json, tmp))
+    # keep the log of the steps the checkpoint holds, drop any logged after it
+    rows = []
+    if start_step > 0 and os.path.isfile(log_path):
+        with open(log_path) as f:
+            rows = [line for line in f if json.loads(line)['step'] <= start_step]
+    with open(log_path, 'w') as f:
+        f.writelines(rows)
+    print(f"{gpt.num_params() / 1e6:.2f}M parameters, {config.attention} attention ({config.form}), "
+          f"{init_from}; {data_dir}: {train_data.num_tokens:,} train tokens ({train_data.tokenizer})")
+    print(f"{max_iters} steps of {batch_size:,} tokens = {world_size} ranks * {accumulation} micro-steps * "
+          f"{micro_batch_size} * {block_size}; {device}, {dtype}, from step {start_step}")
+print(f"rank {rank}/{world_size}: first micro-batch = train windows {window_start(position, 0)}.."
+      f"{window_start(position, 0) + micro_batch_size - 1}")
+
+
+def log(row):
+    parts = [f"step {row['step']:>5}/{max_iters}"]
+    if 'loss' in row:
+        parts += [f"loss {row['loss']:.4f}"]
+    if 'val_loss' in row:
+        parts += [f"val {row['val_loss']:.4f}"]
+    if 'loss' in row:
+        parts += [f"lr {row['lr']:.2e}", f"grad norm {row['grad_norm']:.3f}", f"{row['tokens_per_s']:,.0f} tok/s",
+                  f"MFU {100 * row['mfu']:.2f}%", f"peak mem {row['peak_mem_mib']:,.0f} MiB"]
+    print(' | '.join(parts), flush=True)
+    with open(log_path, 'a') as f:
+        f.write(json.dumps(row) + '\n')
+
+
+last_saved = start_step if init_from == 'resume' else None
+flops_per_token = gpt.flops_per_token(block_size)
+if start_step == 0:
+    val_loss = evaluate()
+    if master:
+        log(dict(step=0, val_loss=val_loss))
+step_seconds, steps_timed = 0.0, 0
+for step in range(start_step + 1, max_iters + 1):
+    t0 = time.time()
+    step_lr = lr_at(step - 1)
+    loss, grad_norm = train_step(position)
+    if not math.isfinite(loss):
+        stop_non_finite('loss', loss, step)
+    if not math.isfinite(grad_norm):
+        stop_non_finite('gradient norm', grad_norm, step)
+    for group in optimizer.param_groups:
+        group['lr'] = step_lr
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    position += windows_per_step
+    step_seconds, steps_timed = step_seconds + time.time() - t0, steps_timed + 1
+
+    row = dict(step=step, loss=loss, lr=step_lr, grad_norm=grad_norm)
+    if step % eval_interval == 0 or step == max_iters:
+        row['val_loss'] = evaluate()
+        if not math.isfinite(row['val_loss']):
+            stop_non_finite('val loss', row['val_loss'], step)
+        if master:
+            save_checkpoint(step, position)
+        last_saved = step
+    if master and (step % log_interval == 0 or 'val_loss' in row):
+        tokens_per_s = batch_size * steps_timed / step_seconds
+        row.update(tokens_per_s=tokens_per_s, mfu=flops_per_token * tokens_per_s / (peak_flops * world_size),
+                   peak_mem_mib=peak_memory_mib())
+        log(row)
+        step_seconds, steps_timed = 0.0, 0
+
+# every rank reports a checksum of its final weights: under DDP they must all be the same
+checksum = sum(p.detach().double().sum().item() for p in gpt.parameters())
+print(f"rank {rank}/{world_size}: final weights checksum {checksum!r}")
+if ddp:
+    dist.destroy_process_group()
