@@ -1,0 +1,168 @@
+"""dijiang.Tokenizer (tiktoken) against HF `tokenizers` on Pythia's real tokenizer.json: the same ids for
+any text, and decode round-trips."""
+import glob
+import json
+import os
+import random
+import sys
+import unicodedata
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from dijiang import Tokenizer  # noqa: E402
+
+TOKENIZER_JSON = os.path.join(ROOT, '..', 'shared', 'pythia', 'tokenizer.json')
+hf_tokenizers = pytest.importorskip('tokenizers', reason='HF tokenizers is the reference (pip install tokenizers)')
+if not os.path.isfile(TOKENIZER_JSON):
+    pytest.skip(f'Pythia tokenizer.json not found at {TOKENIZER_JSON}', allow_module_level=True)
+
+
+@pytest.fixture(scope='module')
+def tok():
+    return Tokenizer.from_file(TOKENIZER_JSON)
+
+
+@pytest.fixture(scope='module')
+def hf():
+    return hf_tokenizers.Tokenizer.from_file(TOKENIZER_JSON)
+
+
+def assert_same(tok, hf, text):
+    ids = tok.encode(text)
+    assert ids == hf.encode(text).ids, f'ids differ for {text[:80]!r}'
+    assert tok.decode(ids) == hf.decode(ids, skip_special_tokens=False)
+    return ids
+
+
+VARIED = {
+    'empty': '',
+    'prose': "Hello, world! It's a test; we'll see what they've done. I'm sure you're right, it'd work.",
+    'code': 'def f(x, *args, **kw):\n    """Doc."""\n    if x >= 10:\n\treturn {"a": [1, 2.5e-3]}  # comment\n',
+    'tabs and newlines': 'a\tb\t\tc\n\nd\r\ne \n f\n\n\n   \n\t \t\n',
+    'numbers': '3.14159 1,000,000 0x1F 12345678901234567890',
+    'NFC changes': 'e\u0301 cafe\u0301 \u212b \u2126 A\u030a o\u0308\u0323 \u1e9b\u0323 \u1100\u1161\u11a8',
+    'emoji': '🤖👍🏽 👨‍👩‍👧‍👦 🇯🇵 ❤️ text',
+    'CJK': '你好，世界。日本語のテキストです。한국어 텍스트입니다.',
+    'mixed scripts': 'Ελληνικά Русский עברית العربية हिन्दी ไทย',
+    'special tokens': '<|endoftext|>start<|padding|> mid <|endoftext|><|endoftext|>end',
+    'special + combining': '<|endoftext|>\u0338 a<\u0338',
+    'almost special': '<|endoftext| <|ENDOFTEXT|> <|endoftext|>> <<|padding|>',
+    'odd whitespace': '\u00a0\u2003\u3000\u2028\u0085 \x0b\x0c x',
+    'contractions': "'s 'S 'll 'LL ''re don't O'Neil",
+    'control bytes': '\x00\x01\x7f\x1b[0m',
+    'newer Unicode (HF normalizer is 9.0)': 'x\u07f3\u07fd\u0816 \U00011935\U00011930 \U000105d2\u0307 a\u0301\u1df6',
+}
+
+
+@pytest.mark.parametrize('name', VARIED)
+def test_varied_text_matches_hf(tok, hf, name):
+    ids = assert_same(tok, hf, VARIED[name])
+    assert tok.decode(ids) == tok.normalize(VARIED[name])
+
+
+def test_special_token_text_is_the_special_id(tok):
+    # as HF's encode: literal special-token text in the input becomes the special id, not BPE pieces
+    assert tok.encode('<|endoftext|>') == [0] and tok.eot_token == 0
+    assert tok.encode('<|padding|>') == [1]
+    assert tok.decode([0, 1]) == '<|endoftext|><|padding|>'
+
+
+@pytest.mark.parametrize('n', list(range(1, 52)) + [71, 72, 73, 100])
+def test_space_runs_match_hf(tok, hf, n):
+    # runs of 2..24 spaces are added tokens matched before BPE: 24-pieces greedily, a lone leftover
+    # space joins the text after it; check the run after, before and between other text
+    for text in (' ' * n, f'x{" " * n}y', f'\n{" " * n}\n', f'a{" " * n}', f'{" " * n}b', f'\t{" " * n}\ta', f'.{" " * n}1'):
+        assert_same(tok, hf, text)
+    assert tok.encode(' ' * 24) == [50254] and tok.encode(' ' * 2) == [50276]
+
+
+def test_normalization_matches_hf_for_every_code_point(tok, hf):
+    # every character this Python's unicodedata normalizes non-trivially, in contexts that would
+    # reorder, compose or decompose it: catches a drift of HF_UNKNOWN against a newer Python
+    nfc = hf.normalizer.normalize_str
+    checked = 0
+    for cp in range(0x80, 0x110000):
+        c = chr(cp)
+        if 0xD800 <= cp < 0xE000 or not (unicodedata.combining(c) or unicodedata.decomposition(c)):
+            continue
+        for text in (c, 'x' + c, 'x\u0345' + c, 'x' + c + '\u0345', 'x\u0334' + c, c + '\u0301'):
+            assert tok.normalize(text) == nfc(text), f'U+{cp:04X} in {text!r}'
+        checked += 1
+    assert checked > 5000
+
+
+def test_random_strings_match_hf(tok, hf):
+    rng = random.Random(0)
+    pieces = list(' ' * 20 + '\t\n\r\x0b\xa0\u3000' + "abcXYZ019'.,;:!?-_()[]{}<>|\\/\"#") + \
+        ['<|endoftext|>', '<|padding|>', "'s", "'ll", ' ' * 23, ' ' * 24, ' ' * 25]
+    blocks = [(0x300, 0x36F), (0x4E00, 0x4E80), (0x1F300, 0x1F64F), (0x600, 0x6FF), (0x900, 0x97F), (0xAC00, 0xAC40),
+              (0x1100, 0x11FF), (0x80, 0x2FF), (0x7C0, 0x8FF), (0x1AB0, 0x1AFF), (0x1DC0, 0x1DFF), (0x11000, 0x11FFF)]
+    texts = []
+    for _ in range(3000):
+        parts = [rng.choice(pieces) if rng.random() < 0.5 else chr(rng.randint(*rng.choice(blocks)))
+                 for _ in range(rng.randint(0, 60))]
+        texts.append(''.join(parts))
+    ours = tok.encode_batch(texts, num_threads=2)
+    theirs = [e.ids for e in hf.encode_batch(texts)]
+    mismatches = [t for t, a, b in zip(texts, ours, theirs) if a != b]
+    assert not mismatches, f'{len(mismatches)} of {len(texts)} differ, e.g. {mismatches[0]!r}'
+
+
+def test_corpus_matches_hf(tok, hf):
+    # ~400 KB of the Python standard library's source: code, docstrings, odd whitespace
+    stdlib = os.path.dirname(os.__file__)
+    texts, size = [], 0
+    for path in sorted(glob.glob(os.path.join(stdlib, '*.py'))):
+        with open(path, encoding='utf-8', errors='replace') as f:
+            texts.append(f.read())
+        size += len(texts[-1])
+        if size > 400_000:
+            break
+    corpus = ''.join(texts)
+    ids = tok.encode(corpus)
+    hf_ids = hf.encode(corpus).ids
+    first = next((i for i, (a, b) in enumerate(zip(ids, hf_ids)) if a != b), None)
+    assert first is None and len(ids) == len(hf_ids), f'first mismatch at token {first}'
+    assert len(ids) > 80_000
+    assert tok.decode(ids) == corpus
+    assert tok.encode_batch(texts, num_threads=2) == [tok.encode(t) for t in texts]
+
+
+def test_decode_matches_hf_on_any_ids(tok, hf):
+    # arbitrary id sequences, including ones that cut UTF-8 characters, specials, both spellings of
+    # space runs (added tokens and the BPE ids that encode never makes) and the embedding's padding rows
+    rng = random.Random(1)
+    for _ in range(300):
+        ids = [rng.choice([rng.randrange(tok.vocab_size), rng.randrange(100, 300), 0, 1, 245, 50276])
+               for _ in range(rng.randint(0, 20))]
+        assert tok.decode(ids) == hf.decode(ids, skip_special_tokens=False), ids
+    assert tok.decode([50300, 12092]) == 'Hello'  # padding rows (50277..50303) decode to nothing
+
+
+def test_sizes_and_identity(tok):
+    assert tok.vocab_size == 50277  # 50254 BPE entries + 23 space runs; the model's embedding pads to 50304
+    # data shards store the identity; it must not change for the same tokenizer.json
+    assert tok.identity == 'pythia-f6114ad7fefe2060'
+    assert Tokenizer.from_dir(os.path.dirname(TOKENIZER_JSON)).identity == tok.identity
+
+
+def test_bytes_tokenizer():
+    tok = Tokenizer.bytes()
+    assert (tok.vocab_size, tok.eot_token, tok.identity) == (257, 256, 'bytes')
+    text = 'héllo\n  wörld 🤖 e\u0301'  # no normalization: bytes round-trip exactly
+    assert tok.encode(text) == list(text.encode('utf-8'))
+    assert tok.decode(tok.encode(text)) == text
+    assert tok.encode('a<|endoftext|>') == [97, 256]
+    assert tok.encode_batch(['ab', ''], num_threads=2) == [[97, 98], []]
+
+
+def test_rejects_other_tokenizers(tmp_path):
+    with open(TOKENIZER_JSON, encoding='utf-8') as f:
+        tj = json.load(f)
+    tj['model']['type'] = 'WordPiece'
+    path = tmp_path / 'tokenizer.json'
+    path.write_text(json.dumps(tj))
+    with pytest.raises(ValueError, match='not a GPT-NeoX byte-level BPE tokenizer'):
+        Tokenizer.from_file(str(path))
