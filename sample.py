@@ -89,8 +89,7 @@ class TextStream:
 
     def push(self, token):
         """Add one token id; return the text that is now final ('' while a character is unfinished)."""
-        if token < self.tokenizer.vocab_size:  # the embedding's padding rows past the vocab have no text
-            self.pending.append(token)
+        self.pending.append(token)
         text = self.tokenizer.decode(self.pending)
         final = text if len(self.pending) > self.max_pending else text.rstrip('\ufffd')
         new = text[self.printed:len(final)]
