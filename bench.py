@@ -253,12 +253,12 @@ def bench_prefill(section):
         del net
 
 
-def cache_bytes(config, B, context):
+def cache_bytes(config, B, context, dtype):
     """Bytes that decoding holds for B sequences at `context` tokens: per layer, the softmax model's
-    keys and values, 2 (B, H, context, D) in the model dtype, or DiJiang's state (B, H, D, D) in fp32."""
+    keys and values, 2 (B, H, context, D) in the model's dtype, or DiJiang's state (B, H, D, D) in fp32."""
     L, H, D = config.n_layer, config.n_head, config.head_size
     if config.attention == 'softmax':
-        return 2 * L * B * H * context * D * torch_dtype.itemsize
+        return 2 * L * B * H * context * D * dtype.itemsize
     return L * B * H * D * D * 4
 
 
@@ -300,7 +300,7 @@ def bench_decode(section):
                     ms = attempt(lambda: decode_ms(net, B, N, cuda_graph=impl == 'cuda_graph'))
                     row = dict(attention=attention, impl=impl, B=B, context=N, ms_per_token=ms,
                                tokens_per_s=B / ms * 1000 if is_number(ms) else ms,
-                               cache_bytes=cache_bytes(net.config, B, N))
+                               cache_bytes=cache_bytes(net.config, B, N, torch_dtype))
                     section['rows'].append(row)
                     print_progress(row)
         del net
