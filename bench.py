@@ -36,6 +36,7 @@ on. Results: a table on stdout, JSON in --out, and a plot in --plot when matplot
 """
 
 import gc
+import inspect
 import json
 import os
 import statistics
@@ -158,7 +159,6 @@ def released_attention(q, k, v, proj, decay):
 def fla_attention(q, k, v, proj, decay):
     """fla's chunk_simple_gla (fla-core on PyPI, Triton), in its (B, N, H, D) layout, fed our feature
     map; the decay goes in as the log gate per token, and no 1/sqrt(D) scale, as DiJiang."""
-    import inspect
     from fla.ops.simple_gla import chunk_simple_gla
     B, N, H, D = q.shape
     phi_q, phi_k = feature_map(q, proj).to(v.dtype), feature_map(k, proj).to(v.dtype)
@@ -216,8 +216,7 @@ def bench_attention(section):
                     row[f'{key}_of_nan'] = ms
                 if device.startswith('cuda'):
                     row[key.replace('_ms', '_peak_gib')] = peak_gib()
-            section['rows'].append(row)
-            print_progress(row)
+            record(section, row)
 
 # -----------------------------------------------------------------------------
 # 2-4. The whole model
@@ -248,8 +247,7 @@ def bench_prefill(section):
             B = max(1, tokens_per_batch // N)
             ms = attempt(lambda: prefill_ms(B, N))
             row = dict(attention=attention, N=N, B=B, ms=ms, tokens_per_s=B * N / ms * 1000 if is_number(ms) else ms)
-            section['rows'].append(row)
-            print_progress(row)
+            record(section, row)
         del net
 
 
@@ -301,8 +299,7 @@ def bench_decode(section):
                     row = dict(attention=attention, impl=impl, B=B, context=N, ms_per_token=ms,
                                tokens_per_s=B / ms * 1000 if is_number(ms) else ms,
                                cache_bytes=cache_bytes(net.config, B, N, torch_dtype))
-                    section['rows'].append(row)
-                    print_progress(row)
+                    record(section, row)
         del net
 
 
@@ -339,8 +336,7 @@ def bench_train(section):
                        mfu=net.flops_per_token(block) * tokens_per_s / peak_flops if is_number(ms) else ms)
             if device.startswith('cuda') and is_number(ms):
                 row['peak_gib'] = peak_gib()
-            section['rows'].append(row)
-            print_progress(row)
+            record(section, row)
         del net, optimizer
 
 # -----------------------------------------------------------------------------
@@ -353,8 +349,16 @@ def fmt(x):
     return str(x)
 
 
-def print_progress(row):
+def record(section, row):
+    """Keep a measurement, show it, and save the JSON: a run cut short keeps what it measured."""
+    section['rows'].append(row)
     print('  ' + ' '.join(f"{k}={fmt(v)}" for k, v in row.items()), file=sys.stderr, flush=True)
+    save()
+
+
+def save():
+    ordered = {name: results[name] for name in SECTIONS if name in results}
+    atomic_write(out, lambda tmp: write_text(tmp, json.dumps(ordered, indent=1)))
 
 
 def print_table(title, header, lines):
@@ -503,17 +507,15 @@ if __name__ == '__main__':
     settings = {name: globals()[name] for name in SETTINGS}
     for name in chosen:
         print(f"{name} ...", file=sys.stderr, flush=True)
-        section = dict(meta={**machine(), **settings}, rows=[], notes=[], error=None)
+        results[name] = section = dict(meta={**machine(), **settings}, rows=[], notes=[], error=None)
         try:
             runners[name](section)
         except Exception as e:  # keep what the section measured, and the other sections
             section['error'] = f"{type(e).__name__}: {e}"
-        results[name] = section
-        atomic_write(out, lambda tmp: write_text(tmp, json.dumps(results, indent=1)))  # after each section
+        save()
 
     results = {name: results[name] for name in SECTIONS if name in results}
     print_tables(results)
-    atomic_write(out, lambda tmp: write_text(tmp, json.dumps(results, indent=1)))
     print(f"\nwrote {out}")
     if plot:
         try:
