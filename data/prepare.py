@@ -173,7 +173,10 @@ def load_tokenizer(spec):
     if not os.path.isfile(path):
         raise ValueError(f"no tokenizer at {path}: pass --tokenizer=path/to/tokenizer.json (from a Pythia "
                          "download or a convert.py output dir) or --tokenizer=bytes")
-    return Tokenizer.from_file(path)
+    try:
+        return Tokenizer.from_file(path)
+    except (KeyError, TypeError) as e:  # JSON of another shape
+        raise ValueError(f"{path} is not a tokenizer.json of a GPT-NeoX byte-level BPE (Pythia's): {e!r}") from None
 
 
 def token_dtype(vocab_size):
@@ -244,7 +247,8 @@ class ShardWriter:
         while self.held >= self.shard_tokens:
             held = np.concatenate(self.pieces)
             self.write(held[:self.shard_tokens])
-            self.pieces, self.held = [held[self.shard_tokens:]], len(held) - self.shard_tokens
+            # a copy, so the full array is freed rather than kept alive by a view of its tail
+            self.pieces, self.held = [held[self.shard_tokens:].copy()], len(held) - self.shard_tokens
 
     def close(self):
         if self.held:
