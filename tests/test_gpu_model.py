@@ -1,0 +1,52 @@
+"""The model on CUDA: the Triton dispatch and the CUDA-graph decoder against the torch reference.
+Run on a GPU machine; skipped on CPU. bf16 matrix products in the kernels: tolerance 1e-2."""
+import pytest
+import torch
+
+from dijiang import GPT, CUDAGraphDecoder, GPTConfig
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+
+
+def rel_err(x, ref):
+    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def pair(**overrides):
+    """The same random weights as kernel='auto' (Triton on CUDA) and kernel='torch'."""
+    config = dict(vocab_size=500, n_layer=2, n_head=4, n_embd=256, **overrides)
+    torch.manual_seed(0)
+    fast = GPT(GPTConfig(**config)).cuda()
+    reference = GPT(GPTConfig(**config, kernel='torch')).cuda()
+    reference.load_state_dict(fast.state_dict())
+    return fast, reference
+
+
+@pytest.mark.parametrize('T', [1, 65, 1000])
+def test_triton_dispatch_matches_torch_chunk_form(T):
+    fast, reference = pair()
+    assert fast.layers[0].attn.uses_triton(torch.zeros(1, device='cuda'))
+    idx = torch.randint(0, 500, (2, T), device='cuda')
+    logits, loss = fast(idx, idx)
+    ref_logits, ref_loss = reference(idx, idx)
+    loss.backward()
+    ref_loss.backward()
+    assert rel_err(logits, ref_logits) < 1e-2
+    ref_params = dict(reference.named_parameters())
+    for name, p in fast.named_parameters():
+        assert rel_err(p.grad, ref_params[name].grad) < 1e-2, name
+
+
+def test_cuda_graph_decoding_matches_eager_recurrent_steps():
+    fast, reference = pair()
+    fast, reference = fast.to(torch.bfloat16), reference.to(torch.bfloat16)
+    prompt = torch.randint(0, 500, (3, 77), device='cuda')
+    tokens = torch.randint(0, 500, (3, 20), device='cuda')
+    with torch.no_grad():
+        decoder = CUDAGraphDecoder(fast, batch_size=3)
+        fast_logits = [decoder.prefill(prompt)[:, -1:]] + [decoder.step(tokens[:, t:t + 1]).clone() for t in range(20)]
+        cache = reference.new_cache()
+        ref_logits = [reference(prompt, cache=cache)[0][:, -1:]]
+        ref_logits += [reference(tokens[:, t:t + 1], cache=cache)[0] for t in range(20)]
+    assert int(decoder.position) == 97 and cache.pos == 97
+    assert rel_err(torch.cat(fast_logits, 1), torch.cat(ref_logits, 1)) < 2e-2
