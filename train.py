@@ -46,7 +46,7 @@ data_dir = 'data/stdlib-bytes'  # shards from data/prepare.py; this default one 
 model = 'tiny'  # a name in dijiang.CONFIGS: tiny, pythia-70m ... pythia-12b
 attention = 'dijiang'  # 'dijiang' or 'softmax'; a softmax checkpoint trained as 'dijiang' is linearized (the paper)
 form = 'chunk'  # DiJiang's attention form for training: 'chunk' (O(T) memory), 'parallel' or 'recurrent'
-feature_map = 'qmc'  # for new DiJiang layers: 'qmc' (the paper) or 'mc' (the released code)
+feature_map = 'qmc'  # for new DiJiang layers: 'qmc' (the paper), 'mc' (the released code) or 'identity' (ablation)
 # batch and schedule
 block_size = 256  # tokens per sequence
 batch_size = 8192  # tokens per optimizer step, all ranks together: accumulation = batch_size / (micro_batch_size * block_size * world_size)
@@ -88,7 +88,7 @@ if init_from == 'resume':
     if not os.path.isfile(ckpt_path):
         raise SystemExit(f"error: init_from=resume but there is no {ckpt_path}: pass the run's --out_dir, or init_from=scratch")
     resumed = torch.load(ckpt_path, map_location='cpu', mmap=True, weights_only=True)
-    base = {**resumed['settings'], 'init_from': 'resume', 'out_dir': out_dir}
+    base = {**{k: v for k, v in resumed['settings'].items() if k in SETTINGS}, 'init_from': 'resume', 'out_dir': out_dir}
 elif init_from != 'scratch':
     base = FINETUNE_RECIPE
 else:
@@ -205,7 +205,7 @@ if train_data.tokenizer != 'bytes' and not os.path.isfile(tokenizer_json):
 if config.attention == 'softmax' and block_size > config.block_size:
     raise SystemExit(f"error: block_size={block_size} is longer than this softmax model's context "
                      f"({config.block_size}): lower --block_size, or train it as --attention=dijiang")
-gpt.float().to(device)  # fp32 weights: a converted checkpoint may hold bf16; autocast computes in bf16
+gpt.to(device=device, dtype=torch.float32)  # fp32 weights (a converted checkpoint may hold bf16); autocast computes in bf16
 
 # AdamW; weight decay on matrices (linear weights, embeddings), not on norms, biases or gains
 decay_params = [p for p in gpt.parameters() if p.dim() >= 2]

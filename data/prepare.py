@@ -428,7 +428,7 @@ def parse_settings(argv, settings, help_text):
             except ValueError:
                 pass
         if type(value) is not type(settings[name]):
-            raise SystemExit(f"error: --{name}={text}: expected a {type(settings[name]).__name__} like {settings[name]!r}")
+            raise SystemExit(f"error: --{name}={text}: expected a value like {settings[name]!r} ({type(settings[name]).__name__})")
         overrides[name] = value
     return overrides
 

@@ -193,7 +193,7 @@ def test_settings_parser():
         dict(input='a b.jsonl', shard_tokens=5, corpus_mb=1.0)
     with pytest.raises(SystemExit, match="unknown argument '--nope=1'"):
         prep.parse_settings(['--nope=1'], settings, '')
-    with pytest.raises(SystemExit, match='expected a int like 10'):
+    with pytest.raises(SystemExit, match=r'expected a value like 10 \(int\)'):
         prep.parse_settings(['--shard_tokens=many'], settings, '')
     help_text = prep.settings_help(prep.__file__)
     assert 'shard_tokens = 100_000_000' in help_text and 'val_every = 50' in help_text
