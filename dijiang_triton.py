@@ -41,8 +41,12 @@ LOG2E = tl.constexpr(1.4426950408889634)
 
 # Launch settings, module-level so that the benchmark can override them.
 NUM_WARPS_FWD = 4
-NUM_WARPS_BWD = 8
+NUM_WARPS_BWD = 4  # 8 warps measured 10-15% slower at head_dim 64 on an H100
 MIN_PROGRAMS = 1024  # keep at least this many block programs (about 8 per SM on an H100)
+# head_dim > 64 (padded to 128): Triton's default load pipelining overflows the H100's shared memory,
+# so loads are not pipelined there, and the backward keeps the 8 warps that its tests ran with.
+NUM_STAGES_WIDE = 1
+NUM_WARPS_BWD_WIDE = 8
 
 
 # -----------------------------------------------------------------------------
@@ -340,24 +344,30 @@ def _dkdv_kernel(q, k, v, do, dk, dv, proj, decay, rev_states, d_final,
 
 def _check(q, k, v, proj, decay):
     if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
-        raise ValueError(f"q, k, v must share one (B, T, H, D) shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(f"q, k, v must share one (B, T, H, D) shape, "
+                         f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     B, T, H, D = q.shape
-    if D > 128:
-        raise NotImplementedError(f"head_dim {D} > 128 is not supported by the Triton kernel; use kernel='torch'")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    _check_common(q, k, v, proj, decay, H, D)
+    return B, T, H, D
+
+
+def _check_common(q, k, v, proj, decay, H, D):
+    if D > 128:
+        raise NotImplementedError(f"head_dim {D} > 128 is not supported by the Triton kernel; use kernel='torch'")
     if any(x.stride(-1) != 1 for x in (q, k, v)):
         raise ValueError("q, k, v need a contiguous last dim; call .contiguous() first")
     if proj.shape != (D, D) or proj.dtype != torch.float32:
         raise ValueError(f"proj must be a ({D}, {D}) float32 tensor, got {tuple(proj.shape)} {proj.dtype}")
     if decay.shape != (H,) or decay.dtype != torch.float32:
         raise ValueError(f"decay must be a ({H},) float32 tensor, got {tuple(decay.shape)} {decay.dtype}")
-    return B, T, H, D
 
 
 def _check_state(state, B, H, D, name):
     if state.shape != (B, H, D, D) or state.dtype != torch.float32 or not state.is_contiguous():
-        raise ValueError(f"{name} must be a contiguous ({B}, {H}, {D}, {D}) float32 tensor, got {tuple(state.shape)} {state.dtype}")
+        raise ValueError(f"{name} must be a contiguous ({B}, {H}, {D}, {D}) float32 tensor, "
+                         f"got {tuple(state.shape)} {state.dtype}")
 
 
 def _sub_chunks_per_block(B, H, T, chunk_size):
@@ -366,6 +376,12 @@ def _sub_chunks_per_block(B, H, T, chunk_size):
         if B * H * triton.cdiv(T, chunk_size * nsub) >= MIN_PROGRAMS:
             return nsub
     return 1
+
+
+def _launch_options(block_d, backward):
+    if block_d <= 64:
+        return dict(num_warps=NUM_WARPS_BWD if backward else NUM_WARPS_FWD)
+    return dict(num_warps=NUM_WARPS_BWD_WIDE if backward else NUM_WARPS_FWD, num_stages=NUM_STAGES_WIDE)
 
 
 def _strides(x):
@@ -393,15 +409,14 @@ def _forward(q, k, v, proj, decay, initial_state, output_final_state, chunk_size
     states = torch.empty(B * H, NB, BLOCK_D, BLOCK_D, device=q.device, dtype=torch.float32)
     final_state = torch.empty(B, H, D, D, device=q.device, dtype=torch.float32) if output_final_state else None
     o = torch.empty(B, T, H, D, device=q.device, dtype=v.dtype)
-    meta = dict(BLOCK_T=chunk_size, BLOCK_D=BLOCK_D, NSUB=nsub, SPLIT_X=split_x)
+    meta = dict(BLOCK_T=chunk_size, BLOCK_D=BLOCK_D, NSUB=nsub, SPLIT_X=split_x, **_launch_options(BLOCK_D, False))
 
     _block_state_kernel[(NB, B * H)](k, v, proj, decay, states, *_strides(k), *_strides(v),
-                                     T, H, D, NB, **meta, num_warps=NUM_WARPS_FWD)
+                                     T, H, D, NB, **meta)
     _scan(states, initial_state, final_state, decay, T, H, D, block_len, reverse=False)
     _output_kernel[(NB, B * H)](q, k, v, o, proj, decay, states, initial_state,
                                 *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-                                T, H, D, NB, **meta, HAS_INIT=initial_state is not None,
-                                num_warps=NUM_WARPS_FWD)
+                                T, H, D, NB, **meta, HAS_INIT=initial_state is not None)
     return o, final_state, states, nsub
 
 
@@ -410,20 +425,18 @@ def _backward(q, k, v, proj, decay, initial_state, states, nsub, chunk_size, do,
     BH, NB, BLOCK_D, _ = states.shape
     block_len = chunk_size * nsub
     split_x = q.dtype != torch.bfloat16
-    meta = dict(BLOCK_T=chunk_size, BLOCK_D=BLOCK_D, NSUB=nsub, SPLIT_X=split_x)
+    meta = dict(BLOCK_T=chunk_size, BLOCK_D=BLOCK_D, NSUB=nsub, SPLIT_X=split_x, **_launch_options(BLOCK_D, True))
     dq, dk, dv = (torch.empty(B, T, H, D, device=q.device, dtype=x.dtype) for x in (q, k, v))
     rev_states = torch.empty_like(states)
     d_init = torch.empty(B, H, D, D, device=q.device, dtype=torch.float32) if need_d_init else None
 
     _dq_kernel[(NB, BH)](q, k, v, do, dq, proj, decay, states, initial_state, rev_states,
                          *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
-                         T, H, D, NB, **meta, HAS_INIT=initial_state is not None,
-                         num_warps=NUM_WARPS_BWD)
+                         T, H, D, NB, **meta, HAS_INIT=initial_state is not None)
     _scan(rev_states, d_final, d_init, decay, T, H, D, block_len, reverse=True)
     _dkdv_kernel[(NB, BH)](q, k, v, do, dk, dv, proj, decay, rev_states, d_final,
                            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk),
-                           T, H, D, NB, **meta, HAS_D_FINAL=d_final is not None,
-                           num_warps=NUM_WARPS_BWD)
+                           T, H, D, NB, **meta, HAS_D_FINAL=d_final is not None)
     return dq, dk, dv, d_init
 
 
@@ -507,14 +520,12 @@ def recurrent_step(q, k, v, proj, decay, state):
     squeeze = q.dim() == 4
     q3, k3, v3 = (x[:, 0] if squeeze else x for x in (q, k, v))
     if q3.dim() != 3 or q3.shape != k3.shape or q3.shape != v3.shape or (squeeze and q.shape[1] != 1):
-        raise ValueError(f"q, k, v must share one (B, H, D) or (B, 1, H, D) shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(f"q, k, v must share one (B, H, D) or (B, 1, H, D) shape, "
+                         f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     B, H, D = q3.shape
-    if D > 128:
-        raise NotImplementedError(f"head_dim {D} > 128 is not supported by the Triton kernel; use kernel='torch'")
-    if any(x.stride(-1) != 1 for x in (q3, k3, v3)):
-        raise ValueError("q, k, v need a contiguous last dim; call .contiguous() first")
-    if proj.shape != (D, D) or proj.dtype != torch.float32 or not proj.is_contiguous():
-        raise ValueError(f"proj must be a contiguous ({D}, {D}) float32 tensor, got {tuple(proj.shape)} {proj.dtype}")
+    _check_common(q3, k3, v3, proj, decay, H, D)
+    if not (proj.is_contiguous() and decay.is_contiguous()):
+        raise ValueError("proj and decay must be contiguous (a copy here would break CUDA-graph capture)")
     _check_state(state, B, H, D, "state")
     o = torch.empty_like(v)
     o3 = o[:, 0] if squeeze else o
@@ -576,9 +587,10 @@ def bench_attention(seq_lens=(1024, 2048, 4096, 8192, 16384, 32768), tokens=3276
 
 if __name__ == "__main__":
     # python dijiang_triton.py [--tokens=32768] [--n_head=16] [--head_dim=64] [--seq_lens=1024,8192]
-    #                          [--num_warps_fwd=4] [--num_warps_bwd=8] [--min_programs=1024] [--sdpa=1]
+    #   [--num_warps_fwd=4] [--num_warps_bwd=4] [--min_programs=1024] [--num_stages_wide=1] [--sdpa=1]
     settings = dict(tokens=32768, n_head=16, head_dim=64, seq_lens="1024,2048,4096,8192,16384,32768",
-                    num_warps_fwd=NUM_WARPS_FWD, num_warps_bwd=NUM_WARPS_BWD, min_programs=MIN_PROGRAMS, sdpa=1)
+                    num_warps_fwd=NUM_WARPS_FWD, num_warps_bwd=NUM_WARPS_BWD, min_programs=MIN_PROGRAMS,
+                    num_stages_wide=NUM_STAGES_WIDE, sdpa=1)
     for arg in sys.argv[1:]:
         name, _, value = arg.removeprefix("--").partition("=")
         if name == "help" or name not in settings or not value:
@@ -586,7 +598,8 @@ if __name__ == "__main__":
         settings[name] = type(settings[name])(value)
     if not torch.cuda.is_available():
         raise SystemExit("error: the benchmark needs a CUDA GPU")
-    NUM_WARPS_FWD, NUM_WARPS_BWD, MIN_PROGRAMS = settings["num_warps_fwd"], settings["num_warps_bwd"], settings["min_programs"]
+    NUM_WARPS_FWD, NUM_WARPS_BWD = settings["num_warps_fwd"], settings["num_warps_bwd"]
+    MIN_PROGRAMS, NUM_STAGES_WIDE = settings["min_programs"], settings["num_stages_wide"]
     started = time.time()
     rows = bench_attention(tuple(int(n) for n in settings["seq_lens"].split(",")), settings["tokens"],
                            settings["n_head"], settings["head_dim"], with_sdpa=bool(settings["sdpa"]))
