@@ -699,7 +699,9 @@ class Tokenizer:
         return tok
 
     def normalize(self, text):
-        if not self.keep_re or text.isascii():  # ASCII text is already NFC
+        # Text that is NFC already (nearly all) is also left as is by HF's older tables, which only
+        # make fewer characters interact; so the split below is needed only for text NFC changes.
+        if not self.keep_re or text.isascii() or unicodedata.is_normalized('NFC', text):
             return text
         parts = self.keep_re.split(text)  # odd parts are the kept pieces
         return ''.join(p if i % 2 else unicodedata.normalize('NFC', p) for i, p in enumerate(parts))
