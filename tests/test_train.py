@@ -201,3 +201,13 @@ def test_pythia_data_puts_the_tokenizer_beside_the_checkpoint(tmp_path):
     assert open(os.path.join(out_dir, 'tokenizer.json'), 'rb').read() == open(PYTHIA_TOKENIZER, 'rb').read()
     assert GPT.from_checkpoint(out_dir).config.vocab_size == 50304
     assert torch.load(os.path.join(out_dir, 'ckpt.pt'), weights_only=True)['tokenizer'].startswith('pythia-')
+
+
+def test_the_demo_builds_its_data_on_first_use(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default data_dir, data/stdlib-bytes, is relative to the working directory
+    run = train('--max_iters=2', '--batch_size=512', '--micro_batch_size=2', '--eval_iters=1', f'--out_dir={tmp_path / "out"}')
+    assert run['data_dir'] == os.path.join('data', 'stdlib-bytes') and run['model'] == 'tiny' and run['block_size'] == 256
+    summary = json.load(open(tmp_path / 'data' / 'stdlib-bytes' / 'prepare.json'))
+    assert summary['tokenizer'] == 'bytes' and summary['train']['tokens'] > 3_000_000
+    assert (tmp_path / 'data' / 'stdlib' / 'stdlib.jsonl').is_file()
+    assert [row['step'] for row in read_log(tmp_path / 'out')] == [0, 2]  # log_interval 10: step 0 and the end
