@@ -63,6 +63,7 @@ grad_clip = 1.0  # max global gradient norm; 0 disables clipping
 eval_interval = 100  # val loss and a checkpoint every eval_interval steps, and at the end
 eval_iters = 10  # val micro-batches per rank
 log_interval = 10  # a log line every log_interval steps
+eval_only = False  # measure the val loss at block_size once and exit: e.g. a checkpoint at a longer context
 peak_flops = 989e12  # per device, for MFU: H100 SXM dense bf16
 # system
 device = 'auto'  # 'auto' (cuda when available, else cpu), 'cpu' or 'cuda'; under torchrun, cuda:LOCAL_RANK
@@ -341,6 +342,14 @@ def log(row):
 
 last_saved = start_step if init_from == 'resume' else None
 flops_per_token = gpt.flops_per_token(block_size)
+if eval_only:
+    val_loss = evaluate()
+    if master:
+        print(f"val loss {val_loss:.4f}, perplexity {math.exp(val_loss):.3f}, at block_size {block_size} "
+              f"({eval_iters * micro_batch_size * world_size} windows)", flush=True)
+    if ddp:
+        dist.destroy_process_group()
+    sys.exit(0)
 if start_step == 0:
     val_loss = evaluate()
     if master:

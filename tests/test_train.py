@@ -190,6 +190,19 @@ def test_fine_tune_linearizes_a_softmax_checkpoint(data_dir, tmp_path):
     assert 'layers.0.attn.gate.weight' in student and 'layers.0.attn.gate.weight' not in source
 
 
+def test_eval_only_reproduces_the_logged_val_loss(data_dir, tmp_path, capsys):
+    out_dir = str(tmp_path / 'run')
+    train(f'--data_dir={data_dir}', f'--out_dir={out_dir}', *SMALL, '--micro_batch_size=8', '--max_iters=2', '--eval_interval=2')
+    logged = read_log(out_dir)[-1]['val_loss']
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        train(f'--init_from={out_dir}', f'--data_dir={data_dir}', f'--out_dir={tmp_path / "unused"}', '--eval_only=True',
+              '--block_size=32', '--batch_size=256', '--micro_batch_size=8', '--eval_iters=2')
+    assert stop.value.code == 0
+    printed = float(re.search(r'val loss ([0-9.]+)', capsys.readouterr().out).group(1))
+    assert printed == pytest.approx(logged, abs=1e-4)
+
+
 @pytest.mark.skipif(not os.path.isfile(PYTHIA_TOKENIZER), reason='needs ../shared/pythia/tokenizer.json')
 def test_pythia_data_puts_the_tokenizer_beside_the_checkpoint(tmp_path):
     corpus = tmp_path / 'docs.jsonl'
