@@ -73,8 +73,8 @@ KEY_MAP = {
     'gpt_neox.layers.{i}.attention.D1': 'layers.{i}.attn.decay',  # D1 and D2 together give gamma
     'gpt_neox.layers.{i}.attention.D2': 'layers.{i}.attn.decay',
 }
-KEY_PATTERNS = [(re.compile(re.escape(hf).replace(r'\{i\}', r'(?P<i>\d+)').replace(r'\{p\}', r'(?P<p>weight|bias)') + '$'), ours)
-                for hf, ours in KEY_MAP.items()]
+KEY_PATTERNS = [(re.compile(re.escape(hf).replace(r'\{i\}', r'(?P<i>\d+)').replace(r'\{p\}', r'(?P<p>weight|bias)') + '$'),
+                 ours) for hf, ours in KEY_MAP.items()]
 # buffers that older checkpoints saved and that are recomputed: the causal mask and the rotary tables
 DROPPED = re.compile(r'(^|\.)(attention\.(bias|masked_bias)|rotary_emb\.(inv_freq|cos_cached|sin_cached))$')
 WEIGHT_FILES = ('model.safetensors', 'model.safetensors.index.json', 'pytorch_model.bin', 'pytorch_model.bin.index.json')
@@ -298,7 +298,8 @@ def convert(folder, attn='auto', feature_map='mc', seed=0, dtype='auto'):
     hf_name_of = {**hf_names(config), **sources}  # for the messages: the names in this checkpoint, else the usual ones
     missing = [hf_name_of[key] for key in expected if key not in state]
     if missing:
-        raise SystemExit(f"error: missing key {missing[0]} in {folder}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ''))
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ''
+        raise SystemExit(f"error: missing key {missing[0]} in {folder}{more}")
     unexpected = [sources[key] for key in state if key not in expected]
     if unexpected:  # e.g. DiJiang tensors for more layers than config.json has
         raise SystemExit(f"error: unexpected key {unexpected[0]} in {folder}: config.json has {config.n_layer} layers")
@@ -377,7 +378,8 @@ def main(settings):
     write_output(model, out, tokenizer_json, identity, source)
 
     c = model.config
-    kind = 'released DiJiang' if found['released_dijiang'] else 'linearized to DiJiang' if found['linearized'] else 'softmax (Pythia)'
+    kind = ('released DiJiang' if found['released_dijiang'] else
+            'linearized to DiJiang' if found['linearized'] else 'softmax (Pythia)')
     print(f"converted {source} -> {out}/ in {time.time() - t0:.1f} s")
     print(f"  {model.num_params():,} parameters, {kind}: {c.n_layer} layers, {c.n_head} heads, n_embd {c.n_embd}, "
           f"vocab {c.vocab_size}, {next(model.parameters()).dtype}")
