@@ -638,6 +638,7 @@ def atomic_write(path, write):
 import hashlib, re, unicodedata  # noqa: E402  (the tokenizer's own imports, kept with it)
 import tiktoken  # noqa: E402
 
+
 _WS = r"(?:[^\S ]| (?! ))"  # one whitespace char that does not start a run of 2+ spaces
 PYTHIA_PATTERN = r" {2,24}|'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|" + _WS + r"+(?!\S)|" + _WS + "+"
 HF_UNKNOWN_RANGES = """05C8-05C9 07FD 0897-089F 08CA-08D3 09FE 0C3C 0D3B-0D3C 0EBA 1715 1ABF-1AF0 1DF6-1DFA A82C 105C9
@@ -648,10 +649,12 @@ HF_UNKNOWN_RANGES = """05C8-05C9 07FD 0897-089F 08CA-08D3 09FE 0C3C 0D3B-0D3C 0E
 1D280-1D281 1E08F 1E130-1E136 1E2AE 1E2EC-1E2EF 1E4EC-1E4EF 1E5EE-1E5EF 1E6E3 1E6E6 1E6EE-1E6EF 1E6F5"""
 HF_UNKNOWN = '[' + ''.join('-'.join(chr(int(x, 16)) for x in r.split('-')) for r in HF_UNKNOWN_RANGES.split()) + ']'
 
+
 def gpt2_byte_to_unicode():
     printable = [*range(ord('!'), ord('~') + 1), *range(ord('¡'), ord('¬') + 1), *range(ord('®'), ord('ÿ') + 1)]
     others = [b for b in range(256) if b not in printable]  # spaces, controls etc. become chr(256 + k)
     return {**{b: chr(b) for b in printable}, **{b: chr(256 + k) for k, b in enumerate(others)}}
+
 
 class Tokenizer:
     """Tokenizer.from_file('tokenizer.json') for Pythia's, Tokenizer.bytes() for the byte-level one."""
