@@ -21,7 +21,7 @@ import time
 import torch
 
 from data.prepare import parse_settings, settings_help
-from dijiang import GPT, CUDAGraphDecoder, Tokenizer, sample_next_token
+from dijiang import GPT, Tokenizer
 
 # -----------------------------------------------------------------------------
 # settings: each can be overridden as --name=value
@@ -35,7 +35,7 @@ top_p = 1.0  # sample only from the smallest set of tokens whose probability rea
 seed = 1337
 device = 'auto'  # 'auto' (cuda when available, else cpu), 'cpu', 'cuda', 'cuda:1', ...
 dtype = 'auto'  # 'auto' (bfloat16 on CUDA, float32 on CPU), 'bfloat16', 'float16' or 'float32'
-compile = False  # dijiang on CUDA: replay each decoding step as one CUDA graph; otherwise torch.compile the model
+compile = False  # torch.compile the model; dijiang on CUDA needs none: it decodes each token as one CUDA graph anyway
 # -----------------------------------------------------------------------------
 SETTINGS = {name: value for name, value in globals().items()
             if not name.startswith('_') and isinstance(value, (bool, int, float, str))}
@@ -105,21 +105,6 @@ class TextStream:
         return text
 
 
-def generate_tokens(model, idx, decoder=None):
-    """Yield max_new_tokens next tokens (1, 1): model.generate_tokens, or the same loop with every
-    decoding step replayed from a CUDA graph when a decoder is given."""
-    sampling = dict(temperature=temperature, top_k=top_k or None, top_p=top_p if top_p < 1 else None)
-    if decoder is None:
-        yield from model.generate_tokens(idx, max_new_tokens, **sampling)
-        return
-    logits = decoder.prefill(idx)
-    for i in range(max_new_tokens):
-        next_token = sample_next_token(logits[:, -1], **sampling)
-        yield next_token
-        if i + 1 < max_new_tokens:
-            logits = decoder.step(next_token)
-
-
 if __name__ == '__main__':
     globals().update(parse_settings(sys.argv[1:], SETTINGS, settings_help(__file__)))
     if device == 'auto':
@@ -159,19 +144,18 @@ if __name__ == '__main__':
                          f"--start or lower --max_new_tokens (a dijiang model has no context limit)")
     idx = torch.tensor([prompt], dtype=torch.long, device=device)  # (1, T)
 
-    decoder = None
-    if compile and config.attention == 'dijiang' and device.startswith('cuda'):
-        decoder = CUDAGraphDecoder(model, batch_size=1)  # DiJiang's step has fixed shapes: capture it once
-    elif compile:
+    cuda_graph = config.attention == 'dijiang' and device.startswith('cuda')  # what model.generate_tokens does
+    if compile and not cuda_graph:
         model.compile(dynamic=True)  # a KV cache grows every step: let one compiled graph take any length
     print(f"{out_dir}: {config.attention} model, {model.num_params() / 1e6:.1f}M parameters, {device} {dtype}, "
-          f"{decoding_memory(config, torch_dtype)}", file=sys.stderr)
+          f"{decoding_memory(config, torch_dtype)}{', each token one CUDA graph' if cuda_graph else ''}", file=sys.stderr)
 
     for _ in range(num_samples):
         stream = TextStream(tokenizer)
         print(tokenizer.decode(prompt), end='', flush=True)
         t0 = time.perf_counter()
-        for i, token in enumerate(generate_tokens(model, idx, decoder)):
+        tokens = model.generate_tokens(idx, max_new_tokens, temperature, top_k or None, top_p if top_p < 1 else None)
+        for i, token in enumerate(tokens):
             print(stream.push(token.item()), end='', flush=True)  # .item() waits for the GPU: the time is real
             if i == 0:
                 t_first = time.perf_counter()  # after the prompt is read: the rest is decoding alone

@@ -91,28 +91,6 @@ def test_stream_keeps_invalid_bytes_as_decode_does():
     assert ''.join(pieces) == tokenizer.decode(ids) == '\ufffdA\ufffd\ufffdB中\ufffd'
 
 
-def test_decoder_loop_matches_generate(monkeypatch):
-    """The --compile path on CUDA (CUDAGraphDecoder) drives its own loop; here the same loop runs with
-    an eager stand-in for the decoder, and must give model.generate's tokens."""
-
-    class EagerDecoder:  # CUDAGraphDecoder's interface
-        def prefill(self, idx):
-            self.cache = model.new_cache()
-            return model(idx, cache=self.cache)[0]
-
-        def step(self, token):
-            return model(token, cache=self.cache)[0]
-
-    torch.manual_seed(0)
-    model = GPT(GPTConfig.named('tiny', vocab_size=300)).eval()
-    idx = torch.randint(0, 300, (1, 70))  # longer than a chunk: the prefill is chunked
-    monkeypatch.setattr(sample, 'max_new_tokens', 25)
-    monkeypatch.setattr(sample, 'temperature', 0.0)
-    new = torch.cat(list(sample.generate_tokens(model, idx, EagerDecoder())), dim=1)
-    assert new.shape == (1, 25)
-    assert torch.equal(new, model.generate(idx, 25, temperature=0)[:, 70:])
-
-
 def test_softmax_prompt_past_context_is_one_error_line(tmp_path, monkeypatch, capsys):
     tiny_checkpoint(tmp_path, attention='softmax', block_size=32)
     with pytest.raises(SystemExit) as error:
