@@ -62,15 +62,20 @@ def read_prompt(start):
         return f.read()
 
 
+def human_bytes(n):
+    unit = max((u for u in range(4) if n >= 1024 ** u), default=0)
+    return f"{n / 1024 ** unit:.4g} {['B', 'KiB', 'MiB', 'GiB'][unit]}"
+
+
 def decoding_memory(config, dtype):
     """What decoding holds per sequence: DiJiang's fixed (H, D, D) fp32 state per layer, or the
     softmax model's keys and values, 2 * (H, D) per layer for every token of context."""
     H, D, L = config.n_head, config.head_size, config.n_layer
     if config.attention == 'dijiang':
-        return f"decoding state {L * H * D * D * 4 / 2 ** 20:.2f} MiB per sequence, the same at any context length"
+        return f"decoding state {human_bytes(L * H * D * D * 4)} per sequence, the same at any context length"
     per_token = 2 * L * H * D * dtype.itemsize
-    return (f"KV cache {per_token / 2 ** 10:.1f} KiB per token of context, "
-            f"{per_token * config.block_size / 2 ** 20:.1f} MiB at the limit of {config.block_size} tokens")
+    return (f"KV cache {human_bytes(per_token)} per token of context, "
+            f"{human_bytes(per_token * config.block_size)} at the limit of {config.block_size} tokens")
 
 
 class TextStream:
