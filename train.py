@@ -106,8 +106,8 @@ world_size = int(os.environ.get('WORLD_SIZE', 1))
 master = rank == 0  # logs and writes checkpoints
 if device == 'auto':
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
-if ddp and device == 'cuda':
-    device = f'cuda:{local_rank}'
+if device == 'cuda':
+    device = f'cuda:{local_rank}'  # an explicit index: set_device and DDP need one
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
 if device_type == 'cuda':
     torch.cuda.set_device(device)
