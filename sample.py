@@ -83,9 +83,10 @@ class TextStream:
     (a byte-level model always emits characters a byte at a time), and decoding it alone would show
     U+FFFD. So the tokens since the last whole-character boundary are decoded together, and trailing
     replacement characters, which may be a character still being written, are held back until the
-    next token finishes it. The printed text is then exactly tokenizer.decode of all the tokens."""
+    next token finishes it. The printed text is then exactly tokenizer.decode of all the tokens, unless
+    max_pending tokens pass without a whole character."""
 
-    max_pending = 64  # past this many tokens without a boundary the bytes are not text: print them as U+FFFD
+    max_pending = 64  # that many tokens without a boundary are not text: print them, U+FFFD and all
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
