@@ -63,6 +63,7 @@ train_blocks = '2048,8192,32768'  # block sizes for the training step
 train_tokens = 16384  # tokens per training step: B = train_tokens // block
 dtype = 'bfloat16'  # of the attention inputs, the prefill and decode weights, and the training autocast
 peak_flops = 989e12  # per device, for MFU: H100 SXM dense bf16
+compile = False  # torch.compile the training step's model and the CUDA-graph decoding step
 warmup = 3  # untimed calls before timing
 repeats = 20  # timed calls; the median is reported
 max_seconds = 2.0  # a slow measurement stops after this many seconds of repeats (3 at least)
@@ -279,7 +280,7 @@ def decode_ms(net, B, context, cuda_graph):
     token = torch.randint(net.config.vocab_size, (B, 1), device=device)
     with torch.no_grad():
         if cuda_graph:
-            decoder = CUDAGraphDecoder(net, batch_size=B)
+            decoder = CUDAGraphDecoder(net, batch_size=B, compile=compile)
             for state, random_state in zip(decoder.states, cache.layers):
                 state.copy_(random_state)
             decoder.position.fill_(context)
@@ -308,9 +309,11 @@ def train_step_ms(net, optimizer, block):
     x, y = (torch.randint(net.config.vocab_size, (B, block), device=device) for _ in range(2))
     autocast = torch.autocast(torch.device(device).type, dtype=torch_dtype) if torch_dtype != torch.float32 else nullcontext()
 
+    forward = torch.compile(net) if compile else net
+
     def step():
         with autocast:
-            _, loss = net(x, targets=y)
+            _, loss = forward(x, targets=y)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -546,9 +546,11 @@ class CUDAGraphDecoder:
     can be captured once in a CUDA graph and replayed with a single launch per token."""
 
     @torch.no_grad()
-    def __init__(self, model, batch_size):
+    def __init__(self, model, batch_size, compile=False):
         cfg, device = model.config, model.lm_head.weight.device
         self.model = model
+        # compile=True fuses each layer's small elementwise ops into fewer kernels inside the graph
+        self.step_model = torch.compile(model, dynamic=False) if compile else model
         self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
         self.position = torch.zeros((), dtype=torch.long, device=device)
         self.states = [torch.zeros(batch_size, cfg.n_head, cfg.head_size, cfg.head_size, device=device)
@@ -565,7 +567,7 @@ class CUDAGraphDecoder:
 
     def _step(self):
         cache = Cache(pos=self.position, layers=list(self.states))
-        logits, _ = self.model(self.token, cache=cache)
+        logits, _ = self.step_model(self.token, cache=cache)
         for state, new_state in zip(self.states, cache.layers):
             state.copy_(new_state)  # the graph's inputs are fixed buffers: update them in place
         return logits

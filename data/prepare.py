@@ -408,7 +408,8 @@ class Shards:
 
 def parse_settings(argv, settings, help_text):
     """The --name=value overrides in argv, as a dict, checked against settings (name -> default).
-    Values are Python literals (1e-3, True, (0.9, 0.95)) or else plain strings, of the default's type.
+    Values are Python literals (1e-3, True, (0.9, 0.95)) of the default's type; a string setting takes
+    the text as written.
     --help prints help_text and exits. train.py uses this parser too."""
     overrides = {}
     for arg in argv:
@@ -418,8 +419,8 @@ def parse_settings(argv, settings, help_text):
         name, eq, text = arg.removeprefix('--').partition('=')
         if not arg.startswith('--') or not eq or name not in settings:
             raise SystemExit(f"error: unknown argument {arg!r}: use --name=value with a name from --help")
-        try:
-            value = ast.literal_eval(text)
+        try:  # a string setting takes the text as written: --start=42 is the text '42'
+            value = text if isinstance(settings[name], str) else ast.literal_eval(text)
         except (ValueError, SyntaxError):
             value = text
         if isinstance(settings[name], float) and isinstance(value, (int, str)):

@@ -191,6 +191,10 @@ def test_settings_parser():
     settings = dict(input='', shard_tokens=10, val_every=50, corpus_mb=4.0)
     assert prep.parse_settings(['--input=a b.jsonl', '--shard_tokens=5', '--corpus_mb=1'], settings, '') == \
         dict(input='a b.jsonl', shard_tokens=5, corpus_mb=1.0)
+    # a string setting keeps literal-looking text as written
+    assert prep.parse_settings(["--input=42", "--input='q'", '--input=1,2'], settings, '') == dict(input='1,2')
+    assert prep.parse_settings(['--input=42'], settings, '') == dict(input='42')
+    assert prep.parse_settings(["--input='q'"], settings, '') == dict(input="'q'")
     with pytest.raises(SystemExit, match="unknown argument '--nope=1'"):
         prep.parse_settings(['--nope=1'], settings, '')
     with pytest.raises(SystemExit, match=r'expected a value like 10 \(int\)'):
