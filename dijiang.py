@@ -19,14 +19,18 @@ D2 = gamma^(-n) overflows fp32 past about 2.8K tokens.
 """
 
 import functools
+import hashlib
 import json
 import math
 import os
+import re
+import unicodedata
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import scipy.fft
 import scipy.stats
+import tiktoken
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -624,7 +628,7 @@ def atomic_write(path, write):
             os.remove(tmp_path)
 
 # -----------------------------------------------------------------------------
-# --- Tokenizer ---
+# 5. Tokenizer
 # Pythia's tokenizer (GPT-NeoX-20B byte-level BPE) on tiktoken, giving exactly the ids of HF `tokenizers`
 # on its tokenizer.json. What makes that exact:
 # - Text is NFC-normalized as HF does it: special tokens are matched on the raw text first, and HF's NFC
@@ -637,8 +641,6 @@ def atomic_write(path, write):
 #   Putting ` {2,24}` first in GPT-2's pre-tokenizer regex, and keeping its whitespace rules off double
 #   spaces, does the same in the one regex pass, so encoding stays inside tiktoken's Rust code.
 # - Like HF's encode, special-token text in the input ("<|endoftext|>") becomes the special id.
-import hashlib, re, unicodedata  # noqa: E402  (the tokenizer's own imports, kept with it)
-import tiktoken  # noqa: E402
 
 
 _WS = r"(?:[^\S ]| (?! ))"  # one whitespace char that does not start a run of 2+ spaces
