@@ -47,7 +47,7 @@ hub_url = os.environ.get('HF_ENDPOINT', 'https://huggingface.co')  # where downl
 out_dir = ''  # where to write; '' means out-MODEL, or out-NAME for --hf_dir=.../NAME
 attn = 'auto'  # 'auto' (as the checkpoint: softmax for Pythia, dijiang for released DiJiang), 'softmax', or 'dijiang':
                # linearize Pythia, keeping every weight and initializing W_G, GroupNorm and P as the released code
-feature_map = 'mc'  # P of newly initialized DiJiang layers: 'mc' (the released code) or 'qmc' (the paper)
+feature_map = 'qmc'  # P of newly initialized DiJiang layers: 'qmc' (the paper, as train.py) or 'mc' (the released code's draw)
 seed = 0  # newly initialized DiJiang layers: the W_G draw, and P (layer i uses seed + i)
 dtype = 'auto'  # weights as the checkpoint stores them ('auto'), or 'float32', 'bfloat16', 'float16'
 # -----------------------------------------------------------------------------
@@ -239,7 +239,7 @@ def recover_decay(D1, D2):
 # The conversion
 
 
-def convert(folder, attn='auto', feature_map='mc', seed=0, dtype='auto'):
+def convert(folder, attn='auto', feature_map='qmc', seed=0, dtype='auto'):
     """Read the HF checkpoint in folder; return our model (weights memory-mapped or freshly read) and
     what was found, for the summary."""
     if not os.path.isdir(folder):

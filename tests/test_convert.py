@@ -259,14 +259,14 @@ def test_recover_decay_from_fp16_and_overflow():
 
 
 def test_linearize_pythia(tmp_path):
-    # --attn=dijiang on Pythia keeps every pretrained weight; W_G, GroupNorm, P and gamma start as released
+    # --attn=dijiang on Pythia keeps every pretrained weight; W_G, GroupNorm and gamma start as released, P by QMC
     hf = hf_model('pythia-like')
     hf.save_pretrained(tmp_path / 'hf')
     model = run_convert(tmp_path / 'hf', tmp_path / 'out', attn='dijiang', seed=5)
     sd = hf.state_dict()
     for i, block in enumerate(model.layers):
         assert torch.equal(block.attn.qkv.weight, sd[f'gpt_neox.layers.{i}.attention.query_key_value.weight'])
-        assert torch.equal(block.attn.feature_proj, projection_matrix(8, 'mc', seed=5 + i))
+        assert torch.equal(block.attn.feature_proj, projection_matrix(8, 'qmc', seed=5 + i))
         assert torch.equal(block.attn.decay, decay_schedule(4))
         assert torch.equal(block.attn.group_norm.weight, torch.ones(32))
         bound = 2 ** -2.5 * math.sqrt(6 / 64)  # xavier-uniform with gain 2^-2.5
