@@ -479,12 +479,13 @@ class GPT(nn.Module):
         return logits, loss
 
     @torch.no_grad()
-    def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None):
+    def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, compile=False):
         """Yield max_new_tokens next tokens (B, 1) one at a time. The prompt is processed once
         (dijiang: the configured form, 'chunk' by default); each new token then costs one step
-        against the cache: a growing KV cache for softmax, a fixed-size state for dijiang."""
+        against the cache: a growing KV cache for softmax, a fixed-size state for dijiang, replayed
+        as one CUDA graph on CUDA (compile=True also compiles that step)."""
         if idx.is_cuda and self.config.attention == 'dijiang':
-            decoder = CUDAGraphDecoder(self, batch_size=idx.shape[0])
+            decoder = CUDAGraphDecoder(self, batch_size=idx.shape[0], compile=compile)
             logits, step = decoder.prefill(idx), decoder.step
         else:
             cache = self.new_cache()

@@ -35,7 +35,7 @@ top_p = 1.0  # sample only from the smallest set of tokens whose probability rea
 seed = 1337
 device = 'auto'  # 'auto' (cuda when available, else cpu), 'cpu', 'cuda', 'cuda:1', ...
 dtype = 'auto'  # 'auto' (bfloat16 on CUDA, float32 on CPU), 'bfloat16', 'float16' or 'float32'
-compile = False  # torch.compile the model; dijiang on CUDA needs none: it decodes each token as one CUDA graph anyway
+compile = False  # torch.compile the model (dijiang on CUDA: the decoding step inside its CUDA graph)
 # -----------------------------------------------------------------------------
 SETTINGS = {name: value for name, value in globals().items()
             if not name.startswith('_') and isinstance(value, (bool, int, float, str))}
@@ -160,7 +160,8 @@ if __name__ == '__main__':
         stream = TextStream(tokenizer)
         print(tokenizer.decode(prompt), end='', flush=True)
         t0 = time.perf_counter()
-        tokens = model.generate_tokens(idx, max_new_tokens, temperature, top_k or None, top_p if top_p < 1 else None)
+        tokens = model.generate_tokens(idx, max_new_tokens, temperature, top_k or None, top_p if top_p < 1 else None,
+                                       compile=compile and cuda_graph)
         for i, token in enumerate(tokens):
             print(stream.push(token.item()), end='', flush=True)  # .item() waits for the GPU: the time is real
             if i == 0:
