@@ -332,7 +332,6 @@ class DiJiangAttention(nn.Module):
         y = y * F.silu(self.gate(x))
         return self.proj(y), state
 
-
     def uses_triton(self, q):
         """kernel='auto' takes the Triton kernels for the chunk form (and its decoding steps) on CUDA;
         'parallel' and 'recurrent' always run the readable torch code below."""
