@@ -5,6 +5,7 @@ are checked here on the CPU."""
 import json
 import math
 import os
+import runpy
 import subprocess
 import sys
 
@@ -25,7 +26,7 @@ def numbers(value):
     return [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else []
 
 
-def test_cpu_smoke_run_fills_every_section(tmp_path):
+def test_cpu_smoke_run_fills_every_section(tmp_path, monkeypatch, capsys):
     out = tmp_path / 'bench.json'
     result = subprocess.run([sys.executable, 'bench.py', '--device=cpu', f'--out={out}', '--plot='],
                             cwd=REPO, capture_output=True, text=True, timeout=300,
@@ -61,6 +62,16 @@ def test_cpu_smoke_run_fills_every_section(tmp_path):
     assert all(0 < r['mfu'] < 1 for r in train.values())
     for line in ('attention op', 'prefill, tokens/s', 'decode, one token', 'training step'):
         assert line in result.stdout
+
+    # a second run of one section into the same file replaces that section and keeps the others
+    monkeypatch.setattr(sys, 'argv', ['bench.py', '--device=cpu', '--sections=decode', '--decode_batches=2',
+                                      f'--out={out}', '--plot='])
+    runpy.run_path(os.path.join(REPO, 'bench.py'), run_name='__main__')
+    rerun = json.loads(out.read_text())
+    assert {name: rerun[name] for name in ('attention', 'prefill', 'train')} == \
+           {name: results[name] for name in ('attention', 'prefill', 'train')}
+    assert {r['B'] for r in rerun['decode']['rows']} == {2}
+    assert 'decode, one token' in capsys.readouterr().out
 
 
 def test_released_formula_matches_the_reference_then_overflows():
