@@ -572,17 +572,19 @@ class CUDAGraphDecoder:
     def _step(self):
         cache = Cache(pos=self.position, layers=list(self.states))
         logits, _ = self.step_model(self.token, cache=cache)
+        self._load_states(cache)
+        return logits
+
+    def _load_states(self, cache):
         for state, new_state in zip(self.states, cache.layers):
             state.copy_(new_state)  # the graph's inputs are fixed buffers: update them in place
-        return logits
 
     @torch.no_grad()
     def prefill(self, idx):
         """Run the prompt (B, T) in the configured form and load the states it leaves."""
         cache = self.model.new_cache()
         logits, _ = self.model(idx, cache=cache)
-        for state, new_state in zip(self.states, cache.layers):
-            state.copy_(new_state)
+        self._load_states(cache)
         self.position.fill_(cache.pos)
         return logits
 
