@@ -361,7 +361,7 @@ def record(section, row):
 
 def save():
     ordered = {name: results[name] for name in SECTIONS if name in results}
-    atomic_write(out, lambda tmp: write_text(tmp, json.dumps(ordered, indent=1)))
+    atomic_write(out, lambda tmp: write_text(tmp, json.dumps(ordered, indent=1) + '\n'))
 
 
 def print_table(title, header, lines):

@@ -511,7 +511,7 @@ class GPT(nn.Module):
         config = asdict(self.config)
         atomic_write(os.path.join(out_dir, 'ckpt.pt'),
                      lambda path: torch.save(dict(config=config, model=self.state_dict(), **extra), path))
-        atomic_write(os.path.join(out_dir, 'config.json'), lambda path: write_text(path, json.dumps(config, indent=2)))
+        atomic_write(os.path.join(out_dir, 'config.json'), lambda path: write_text(path, json.dumps(config, indent=2) + '\n'))
 
     @classmethod
     def from_checkpoint(cls, path, **overrides):
@@ -615,8 +615,8 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None):
 
 
 def write_text(path, text):
-    with open(path, 'w') as f:
-        f.write(text + '\n')
+    with open(path, 'w', encoding='utf-8') as f:
+        f.write(text)
 
 
 def atomic_write(path, write):

@@ -50,7 +50,7 @@ import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, for dijiang
-from dijiang import Tokenizer, atomic_write  # noqa: E402
+from dijiang import Tokenizer, atomic_write, write_text  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # settings: each can be overridden as --name=value
@@ -102,10 +102,6 @@ def build_default_corpus(path, max_bytes):
     atomic_write(path, lambda tmp: write_text(tmp, ''.join(json.dumps(doc) + '\n' for doc in docs)))
     return len(docs)
 
-
-def write_text(path, text):
-    with open(path, 'w', encoding='utf-8') as f:
-        f.write(text)
 
 # -----------------------------------------------------------------------------
 # Reading the input as a stream of batches of JSON lines
