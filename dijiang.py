@@ -18,7 +18,6 @@ Decays are always relative (gamma^(n-m) with n >= m), never gamma^(-n): the rele
 D2 = gamma^(-n) overflows fp32 past about 2.8K tokens.
 """
 
-import functools
 import hashlib
 import json
 import math
@@ -34,6 +33,11 @@ import tiktoken
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+try:  # the fused GPU kernels: Triton ships with PyTorch's CUDA builds, not with the CPU ones
+    import dijiang_triton
+except ImportError:
+    dijiang_triton = None
 
 # -----------------------------------------------------------------------------
 # 1. Config
@@ -339,7 +343,7 @@ class DiJiangAttention(nn.Module):
         if cfg.kernel == 'torch' or cfg.form != 'chunk':
             return False
         supported = (q.is_cuda and cfg.feature_map != 'identity' and cfg.head_size <= 128
-                     and cfg.chunk_size in (16, 32, 64, 128) and triton_kernels() is not None)
+                     and cfg.chunk_size in (16, 32, 64, 128) and dijiang_triton is not None)
         if cfg.kernel == 'triton' and not supported:
             raise ValueError("kernel='triton' needs CUDA, Triton, head_size <= 128, chunk_size in 16/32/64/128 "
                              "and a softmax feature map: use kernel='auto' or 'torch'")
@@ -351,11 +355,10 @@ class DiJiangAttention(nn.Module):
         would spoil over long contexts."""
         with torch.autocast(q.device.type, enabled=False):
             if self.uses_triton(q):  # the fused kernels compute the feature map themselves
-                kernels = triton_kernels()
                 if q.shape[1] == 1 and past is not None:  # a decoding step: the state is updated in place
-                    return kernels.recurrent_step(q, k, v, self.feature_proj, self.decay, past), past
-                return kernels.chunk_attention(q, k, v, self.feature_proj, self.decay, past, output_final_state=True,
-                                               chunk_size=self.config.chunk_size)
+                    return dijiang_triton.recurrent_step(q, k, v, self.feature_proj, self.decay, past), past
+                return dijiang_triton.chunk_attention(q, k, v, self.feature_proj, self.decay, past,
+                                                      output_final_state=True, chunk_size=self.config.chunk_size)
             if self.config.feature_map == 'identity':
                 phi_q, phi_k = q, k
             else:
@@ -364,16 +367,6 @@ class DiJiangAttention(nn.Module):
             if form == 'chunk':
                 return attention_chunk(phi_q, phi_k, v, self.decay, past, self.config.chunk_size)
             return ATTENTION_FORMS[form](phi_q, phi_k, v, self.decay, past)
-
-
-@functools.cache
-def triton_kernels():
-    """dijiang_triton, imported on first use: Triton ships with PyTorch's CUDA builds, not the CPU ones."""
-    try:
-        import dijiang_triton
-    except ImportError:
-        return None
-    return dijiang_triton
 
 
 class MLP(nn.Module):

@@ -28,6 +28,7 @@ import math
 import os
 import sys
 import time
+from typing import Optional
 
 import torch
 import triton
@@ -440,25 +441,72 @@ def _backward(q, k, v, proj, decay, initial_state, states, nsub, chunk_size, do,
     return dq, dk, dv, d_init
 
 
-class _ChunkAttention(torch.autograd.Function):
+# -----------------------------------------------------------------------------
+# The torch ops: registered with torch.library, so that torch.compile treats each as one opaque call
+# (it would otherwise trace into the Triton launches) and inductor fuses everything around them.
 
-    @staticmethod
-    def forward(ctx, q, k, v, proj, decay, initial_state, output_final_state, chunk_size):
-        o, final_state, states, nsub = _forward(q, k, v, proj, decay, initial_state, output_final_state, chunk_size)
-        ctx.save_for_backward(q, k, v, proj, decay, initial_state, states)
-        ctx.nsub, ctx.chunk_size = nsub, chunk_size
-        return o, final_state
+def _states_shape(B, T, H, D, chunk_size):
+    """The per-block states that the forward keeps for the backward: (B*H, NB, BLOCK_D, BLOCK_D)."""
+    block_len = chunk_size * _sub_chunks_per_block(B, H, T, chunk_size)
+    return B * H, triton.cdiv(T, block_len), max(16, triton.next_power_of_2(D)), max(16, triton.next_power_of_2(D))
 
-    @staticmethod
-    def backward(ctx, do, d_final):
-        q, k, v, proj, decay, initial_state, states = ctx.saved_tensors
-        if do.stride(-1) != 1:
-            do = do.contiguous()
-        if d_final is not None:
-            d_final = d_final.contiguous()
-        dq, dk, dv, d_init = _backward(q, k, v, proj, decay, initial_state, states, ctx.nsub, ctx.chunk_size,
-                                       do, d_final, need_d_init=ctx.needs_input_grad[5])
-        return dq, dk, dv, None, None, d_init, None, None
+
+@torch.library.custom_op("dijiang::chunk_attention", mutates_args=())
+def _chunk_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj: torch.Tensor,
+                        decay: torch.Tensor, initial_state: Optional[torch.Tensor], output_final_state: bool,
+                        chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    o, final_state, states, _ = _forward(q, k, v, proj, decay, initial_state, output_final_state, chunk_size)
+    return o, (final_state if output_final_state else q.new_empty(0, dtype=torch.float32)), states
+
+
+@_chunk_attention_op.register_fake
+def _(q, k, v, proj, decay, initial_state, output_final_state, chunk_size):
+    B, T, H, D = q.shape
+    final_state = q.new_empty((B, H, D, D) if output_final_state else (0,), dtype=torch.float32)
+    return (v.new_empty(B, T, H, D), final_state,
+            q.new_empty(_states_shape(B, T, H, D, chunk_size), dtype=torch.float32))
+
+
+@torch.library.custom_op("dijiang::chunk_attention_backward", mutates_args=())
+def _chunk_attention_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj: torch.Tensor,
+                                 decay: torch.Tensor, initial_state: Optional[torch.Tensor], states: torch.Tensor,
+                                 do: torch.Tensor, d_final: Optional[torch.Tensor], chunk_size: int,
+                                 need_d_init: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, T, H, D = q.shape
+    nsub = _sub_chunks_per_block(B, H, T, chunk_size)
+    do = do if do.stride(-1) == 1 else do.contiguous()
+    d_final = None if d_final is None else d_final.contiguous()
+    dq, dk, dv, d_init = _backward(q, k, v, proj, decay, initial_state, states, nsub, chunk_size, do, d_final, need_d_init)
+    return dq, dk, dv, (d_init if need_d_init else q.new_empty(0, dtype=torch.float32))
+
+
+@_chunk_attention_backward_op.register_fake
+def _(q, k, v, proj, decay, initial_state, states, do, d_final, chunk_size, need_d_init):
+    B, T, H, D = q.shape
+    d_init = q.new_empty((B, H, D, D) if need_d_init else (0,), dtype=torch.float32)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), d_init
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, proj, decay, initial_state, output_final_state, chunk_size = inputs
+    ctx.save_for_backward(q, k, v, proj, decay, initial_state, output[2])
+    ctx.mark_non_differentiable(output[2])
+    ctx.set_materialize_grads(False)  # an unused final state gets no gradient, not a tensor of zeros
+    ctx.chunk_size, ctx.output_final_state = chunk_size, output_final_state
+
+
+def _chunk_attention_backward(ctx, do, d_final, _):
+    q, k, v, proj, decay, initial_state, states = ctx.saved_tensors
+    if not ctx.output_final_state:
+        d_final = None  # the gradient of the empty placeholder
+    if do is None:  # only the final state was used
+        do = torch.zeros_like(v)
+    dq, dk, dv, d_init = _chunk_attention_backward_op(q, k, v, proj, decay, initial_state, states, do, d_final,
+                                                      ctx.chunk_size, ctx.needs_input_grad[5])
+    return dq, dk, dv, None, None, d_init if ctx.needs_input_grad[5] else None, None, None
+
+
+torch.library.register_autograd("dijiang::chunk_attention", _chunk_attention_backward, setup_context=_setup_context)
 
 
 def chunk_attention(q, k, v, proj, decay, initial_state=None, output_final_state=False, chunk_size=64):
@@ -474,8 +522,9 @@ def chunk_attention(q, k, v, proj, decay, initial_state=None, output_final_state
         raise ValueError(f"chunk_size must be 16, 32, 64 or 128, got {chunk_size}")
     if initial_state is not None:
         _check_state(initial_state, B, H, D, "initial_state")
-    return _ChunkAttention.apply(q, k, v, proj.contiguous(), decay.contiguous(), initial_state,
-                                 output_final_state, chunk_size)
+    o, final_state, _ = _chunk_attention_op(q, k, v, proj.contiguous(), decay.contiguous(), initial_state,
+                                            output_final_state, chunk_size)
+    return o, (final_state if output_final_state else None)
 
 
 # -----------------------------------------------------------------------------
@@ -513,9 +562,28 @@ def _recurrent_step_kernel(q, k, v, o, proj, decay, state,
     tl.store(o + b * s_ob + h * s_oh + offs_v, out.to(o.dtype.element_ty), mask=v_mask)
 
 
+@torch.library.custom_op("dijiang::recurrent_step", mutates_args=("state",))
+def _recurrent_step_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj: torch.Tensor, decay: torch.Tensor,
+                       state: torch.Tensor) -> torch.Tensor:
+    B, H, D = q.shape
+    o = torch.empty(B, H, D, device=v.device, dtype=v.dtype)
+    BLOCK_D = max(16, triton.next_power_of_2(D))
+    BLOCK_V = 32
+    _recurrent_step_kernel[(B * H, triton.cdiv(D, BLOCK_V))](
+        q, k, v, o, proj, decay, state,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
+        H, D, BLOCK_D=BLOCK_D, BLOCK_V=BLOCK_V, num_warps=4 if BLOCK_D <= 64 else 8)
+    return o
+
+
+@_recurrent_step_op.register_fake
+def _(q, k, v, proj, decay, state):
+    return v.new_empty(v.shape)
+
+
 def recurrent_step(q, k, v, proj, decay, state):
     """One decoding token. q, k, v: (B, H, D) or (B, 1, H, D); state: (B, H, D, D) fp32, updated in
-    place (S = gamma S + phi(k)^T v). Returns o = phi(q) S shaped and typed like v. One kernel
+    place (S = gamma S + phi(k)^T v). Returns o = phi(q) S, shaped like q and typed like v. One kernel
     launch, no host sync and no allocation besides o, so it can be captured in a CUDA graph."""
     squeeze = q.dim() == 4
     q3, k3, v3 = (x[:, 0] if squeeze else x for x in (q, k, v))
@@ -527,15 +595,8 @@ def recurrent_step(q, k, v, proj, decay, state):
     if not (proj.is_contiguous() and decay.is_contiguous()):
         raise ValueError("proj and decay must be contiguous (a copy here would break CUDA-graph capture)")
     _check_state(state, B, H, D, "state")
-    o = torch.empty_like(v)
-    o3 = o[:, 0] if squeeze else o
-    BLOCK_D = max(16, triton.next_power_of_2(D))
-    BLOCK_V = 32
-    _recurrent_step_kernel[(B * H, triton.cdiv(D, BLOCK_V))](
-        q3, k3, v3, o3, proj, decay, state,
-        q3.stride(0), q3.stride(1), k3.stride(0), k3.stride(1), v3.stride(0), v3.stride(1), o3.stride(0), o3.stride(1),
-        H, D, BLOCK_D=BLOCK_D, BLOCK_V=BLOCK_V, num_warps=4 if BLOCK_D <= 64 else 8)
-    return o
+    o = _recurrent_step_op(q3, k3, v3, proj, decay, state)
+    return o[:, None] if squeeze else o
 
 
 # -----------------------------------------------------------------------------

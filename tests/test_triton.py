@@ -16,6 +16,7 @@ pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() or INTERPRET),
                                 reason="Triton kernels need a CUDA GPU (or TRITON_INTERPRET=1)")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
+import dijiang_triton  # noqa: E402
 from dijiang_triton import chunk_attention, recurrent_step  # noqa: E402
 
 
@@ -187,9 +188,7 @@ def test_recurrent_step_cuda_graph():
 
 
 def test_matches_dijiang_attention_chunk():
-    dijiang = pytest.importorskip("dijiang")
-    if not hasattr(dijiang, "attention_chunk"):
-        pytest.skip("dijiang.attention_chunk not written yet")
+    import dijiang
     q, k, v, proj, decay = make_inputs(2, 201, 4, 64, dtype=torch.float32)
     s0 = torch.randn(2, 4, 64, 64, device=DEVICE) * 0.1
     o, final = chunk_attention(q, k, v, proj, decay, initial_state=s0, output_final_state=True)
@@ -197,3 +196,17 @@ def test_matches_dijiang_attention_chunk():
     o_torch, final_torch = dijiang.attention_chunk(phi_q, phi_k, v, decay, s0.clone(), chunk_size=64)
     assert rel_err(o, o_torch) < 1e-2
     assert rel_err(final, final_torch) < 1e-2
+
+
+@pytest.mark.skipif(INTERPRET, reason="the AOT dispatch check crashes Triton's interpreter")
+def test_torch_ops_pass_opcheck():
+    """The torch.library registrations that torch.compile relies on: schema, fake (meta) shapes and
+    strides equal to the real ones, autograd through the op, and AOT dispatch with dynamic shapes."""
+    q, k, v, proj, decay = make_inputs(2, 37, 2, 16, dtype=torch.float32)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    s0 = torch.randn(2, 2, 16, 16, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(dijiang_triton._chunk_attention_op, (q, k, v, proj, decay, None, False, 16))
+    torch.library.opcheck(dijiang_triton._chunk_attention_op, (q, k, v, proj, decay, s0, True, 32))
+    state = torch.randn(2, 2, 16, 16, device=DEVICE)
+    torch.library.opcheck(dijiang_triton._recurrent_step_op,
+                          (q[:, 0].detach(), k[:, 0].detach(), v[:, 0].detach(), proj, decay, state))
