@@ -107,22 +107,21 @@ CONFIGS = {
 
 
 def rotary_cos_sin(positions, rotary_dim, base):
-    """cos and sin for positions (T,), each (T, rotary_dim), computed on demand so there is no
-    length limit."""
+    """cos and sin of the rotation angles for positions (T,), each (T, rotary_dim / 2): one angle per
+    rotated channel pair. Computed on demand, so there is no length limit."""
     inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, device=positions.device, dtype=torch.float32) / rotary_dim))
     angles = torch.outer(positions.float(), inv_freq)  # (T, R/2)
-    angles = torch.cat((angles, angles), dim=-1)  # (T, R): GPT-NeoX rotates the two halves, not pairs
     return angles.cos(), angles.sin()
 
 
 def apply_rotary(x, cos, sin):
-    """Rotate the first rotary_dim channels of x (B, T, H, D); the rest pass through."""
-    rotary_dim = cos.shape[-1]
-    x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
-    x1, x2 = x_rot.chunk(2, dim=-1)
-    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)  # (T, 1, R) broadcasts over heads
-    x_rot = x_rot * cos + torch.cat((-x2, x1), dim=-1) * sin
-    return torch.cat((x_rot, x_pass), dim=-1)
+    """Rotate the first rotary_dim = 2 * cos.shape[-1] channels of x (B, T, H, D); the rest pass through.
+    GPT-NeoX pairs channel i with channel i + rotary_dim / 2 (the two halves), not with its neighbour."""
+    half = cos.shape[-1]
+    x1, x2, x_pass = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
+    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)  # (T, 1, R/2) broadcasts over heads
+    # one flat cat of elementwise terms: torch.compile makes it a single kernel
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, x_pass), dim=-1)
 
 # -----------------------------------------------------------------------------
 # 3. DiJiang: the feature map, the decay and three forms of the attention
