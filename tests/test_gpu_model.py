@@ -52,7 +52,7 @@ def test_compiled_model_matches_eager():
         assert rel_err(p.grad, grads[name]) < 1e-3, name
 
 
-@pytest.mark.parametrize('batch,compile', [(3, False), (3, True)])
+@pytest.mark.parametrize('batch,compile', [(3, False), (3, True), (1, True)])  # batch 1: one-row products as reductions
 def test_cuda_graph_decoding_matches_eager_recurrent_steps(batch, compile):
     fast, reference = pair()
     fast, reference = fast.to(torch.bfloat16), reference.to(torch.bfloat16)
