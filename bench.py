@@ -56,6 +56,7 @@ from dijiang import CONFIGS, GPT, Cache, CUDAGraphDecoder, DiJiangAttention, GPT
 model = 'pythia-410m'  # a name in dijiang.CONFIGS, built with random weights
 vocab_size = 0  # 0 keeps the model's (50304 for most Pythia sizes)
 sections = 'attention,prefill,decode,train'  # which to run, comma-separated
+models = 'softmax,dijiang'  # which attentions the prefill, decode and train sections build, comma-separated
 lengths = '1024,2048,4096,8192,16384,32768,65536'  # sequence lengths (attention, prefill) and contexts (decode)
 tokens_per_batch = 32768  # attention and prefill: batch size B = tokens_per_batch // N
 decode_batches = '1,64'  # batch sizes for decoding
@@ -235,7 +236,7 @@ def build_model(attention, longest, section):
 
 
 def bench_prefill(section):
-    for attention in ('softmax', 'dijiang'):
+    for attention in model_list:
         net = build_model(attention, max(length_list), section).to(torch_dtype).eval()
         vocab = net.config.vocab_size
 
@@ -290,7 +291,7 @@ def decode_ms(net, B, context, cuda_graph):
 
 def bench_decode(section):
     batches = [int(b) for b in decode_batches.split(',')]
-    for attention in ('softmax', 'dijiang'):
+    for attention in model_list:
         net = build_model(attention, max(length_list) + 1, section).to(torch_dtype).eval()
         impls = ['eager', 'cuda_graph'] if attention == 'dijiang' and device.startswith('cuda') else ['eager']
         for impl in impls:
@@ -309,7 +310,7 @@ def train_step_ms(net, optimizer, block):
     x, y = (torch.randint(net.config.vocab_size, (B, block), device=device) for _ in range(2))
     autocast = torch.autocast(torch.device(device).type, dtype=torch_dtype) if torch_dtype != torch.float32 else nullcontext()
 
-    forward = torch.compile(net) if compile else net
+    forward = torch.compile(net, dynamic=False) if compile else net  # one graph per block size
 
     def step():
         with autocast:
@@ -326,7 +327,7 @@ def train_step_ms(net, optimizer, block):
 
 def bench_train(section):
     blocks = [int(b) for b in train_blocks.split(',')]
-    for attention in ('softmax', 'dijiang'):
+    for attention in model_list:
         net = build_model(attention, max(blocks), section).train()
         optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=device.startswith('cuda'))
         for block in blocks:
@@ -492,6 +493,9 @@ if __name__ == '__main__':
         length_list = [int(n) for n in lengths.split(',')]
     except ValueError:
         raise SystemExit(f"error: lengths={lengths!r}: give comma-separated integers, e.g. --lengths=1024,8192")
+    model_list = [name.strip() for name in models.split(',') if name.strip()]
+    if not model_list or set(model_list) - {'softmax', 'dijiang'}:
+        raise SystemExit(f"error: models={models!r}: choose from softmax,dijiang")
     torch_dtype = getattr(torch, dtype)
     torch.manual_seed(0)
 
