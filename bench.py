@@ -5,6 +5,7 @@ GPU) against DiJiang at the same model size, with random weights.
     python bench.py                                           # every section, pythia-410m shape, on the GPU
     python bench.py --sections=attention --lengths=1024,8192,32768
     python bench.py --sections=decode --model=pythia-1b --out=bench-1b.json --plot=bench-1b.png
+    python bench.py --sections=decode --compile=True --profile=True  # and where a decoding step's time goes
     python bench.py --device=cpu                              # a small smoke run of every section
     python bench.py --help                                    # every setting and its default
 
@@ -65,6 +66,7 @@ train_tokens = 16384  # tokens per training step: B = train_tokens // block
 dtype = 'bfloat16'  # of the attention inputs, the prefill and decode weights, and the training autocast
 peak_flops = 989e12  # per device, for MFU: H100 SXM dense bf16
 compile = False  # torch.compile the training step's model and the CUDA-graph decoding step
+profile = False  # decode, CUDA: also list the kernels of one CUDA-graph step and time each matrix product alone
 warmup = 3  # untimed calls before timing
 repeats = 20  # timed calls; the median is reported
 max_seconds = 2.0  # a slow measurement stops after this many seconds of repeats (3 at least)
@@ -289,8 +291,40 @@ def decode_ms(net, B, context, cuda_graph):
         return median_ms(lambda: net(token, cache=Cache(pos=context, layers=list(cache.layers))))
 
 
+def profile_decode_step(net, B):
+    """Where one CUDA-graph decoding step of B sequences spends its time: each kernel's calls and
+    microseconds per step (torch.profiler over 20 replays; the step's shapes do not depend on the
+    context), and each distinct matrix product timed alone, 50 calls in a CUDA graph. products_ms, their
+    sum over the step, is what the weight reads cost before any other kernel runs."""
+    from torch.profiler import ProfilerActivity
+    decoder = CUDAGraphDecoder(net, batch_size=B, compile=compile)
+    with torch.profiler.profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(20):
+            decoder.graph.replay()
+        synchronize()
+    kernels = sorted(([e.key, e.count / 20, e.device_time_total / 20] for e in prof.key_averages()
+                      if e.device_time_total > 0), key=lambda kernel: -kernel[2])
+    products_us = {}
+    with torch.no_grad():
+        for name, module in net.named_modules():
+            if isinstance(module, torch.nn.Linear) and (name.startswith('layers.0.') or name == 'lm_head'):
+                x = torch.randn(B, module.in_features, device=device, dtype=torch_dtype)
+                module(x)  # cuBLAS creates its handle here, outside the capture
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    for _ in range(50):
+                        module(x)
+                products_us[name] = median_ms(graph.replay) * 1000 / 50
+    layer_us = sum(us for name, us in products_us.items() if name != 'lm_head')
+    return dict(B=B, kernels_per_step=sum(k[1] for k in kernels), kernel_ms=sum(k[2] for k in kernels) / 1000,
+                products_us=products_us, products_ms=(layer_us * net.config.n_layer + products_us['lm_head']) / 1000,
+                top_kernels=kernels[:15])
+
+
 def bench_decode(section):
     batches = [int(b) for b in decode_batches.split(',')]
+    if profile and not device.startswith('cuda'):
+        section['notes'].append("profile needs CUDA: not run")
     for attention in model_list:
         net = build_model(attention, max(length_list) + 1, section).to(torch_dtype).eval()
         impls = ['eager', 'cuda_graph'] if attention == 'dijiang' and device.startswith('cuda') else ['eager']
@@ -302,6 +336,9 @@ def bench_decode(section):
                                tokens_per_s=B / ms * 1000 if is_number(ms) else ms,
                                cache_bytes=cache_bytes(net.config, B, N, torch_dtype))
                     record(section, row)
+        if profile and 'cuda_graph' in impls:
+            section['profile'] = [attempt(lambda: profile_decode_step(net, B)) for B in batches]
+            save()
         del net
 
 
@@ -407,6 +444,14 @@ def print_tables(results):
                   fmt_bytes(r['cache_bytes'])] for r in results['decode']['rows']]
         print_table("decode, one token per sequence", ['attention', 'impl', 'B', 'context', 'ms/token', 'tokens/s',
                                                        'KV cache / state'], lines)
+        for p in results['decode'].get('profile', []):
+            if isinstance(p, str):
+                print(f"\nprofile: {p}")
+                continue
+            print(f"\ndijiang CUDA-graph step at B={p['B']}: {p['kernels_per_step']:.0f} kernels, {p['kernel_ms']:.3f} ms "
+                  f"of kernel time; its matrix products alone: {p['products_ms']:.3f} ms")
+            print_table("kernels, per step", ['us', 'calls', 'kernel'],
+                        [[f"{us:.1f}", f"{calls:.0f}", name[:100]] for name, calls, us in p['top_kernels']])
     if 'train' in results:
         lines = [[r['attention'], r['block'], r['B'], fmt(r['ms_per_step']), fmt(r['tokens_per_s']),
                   f"{r['mfu']:.1%}" if is_number(r['mfu']) else r['mfu']] for r in results['train']['rows']]

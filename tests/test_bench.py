@@ -120,3 +120,18 @@ def test_attempt_records_failures_and_goes_on():
     assert bench.attempt(lambda: 1.5) == 1.5
     assert bench.attempt(out_of_memory) == 'OOM'
     assert bench.attempt(broken) == 'error: RuntimeError: Triton: illegal memory access'
+
+
+def test_models_setting_picks_the_attentions_and_profile_needs_cuda(tmp_path):
+    out = tmp_path / 'bench.json'
+    run = [sys.executable, 'bench.py', '--device=cpu', '--sections=decode', f'--out={out}', '--plot=']
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    result = subprocess.run(run + ['--models=dijiang', '--profile=True'], cwd=REPO, capture_output=True, text=True,
+                            timeout=300, env=env)
+    assert result.returncode == 0, result.stderr
+    decode = json.loads(out.read_text())['decode']
+    assert {r['attention'] for r in decode['rows']} == {'dijiang'} and len(decode['rows']) == 4
+    assert decode['notes'] == ["profile needs CUDA: not run"] and 'profile' not in decode
+    result = subprocess.run(run + ['--models=mamba'], cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1] == "error: models='mamba': choose from softmax,dijiang"
