@@ -132,8 +132,17 @@ def download_model(name, revision, cache_dir, hub_url):
     base = f"{hub_url.rstrip('/')}/EleutherAI/{name}/resolve/{urllib.parse.quote(revision, safe='')}/"
 
     def fetch(file):
+        """True once file is in the cache. A file the hub does not have is remembered as file.absent
+        (as huggingface_hub's .no_exist), so that a later run needs no network to learn it again."""
         path = os.path.join(folder, file)
-        return os.path.exists(path) or download(base + file, path)
+        if os.path.exists(path):
+            return True
+        if os.path.exists(path + '.absent'):
+            return False
+        if download(base + file, path):
+            return True
+        open(path + '.absent', 'w').close()
+        return False
 
     if not fetch('config.json'):
         raise SystemExit(f"error: {base}config.json not found: check --model and --revision")

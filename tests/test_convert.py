@@ -310,11 +310,13 @@ def hub(tmp_path):
     server.shutdown()
 
 
-def test_download_resumes_and_converts(tmp_path, hub):
+@pytest.mark.parametrize('have_tokenizer', [False, True])
+def test_download_resumes_and_converts(tmp_path, hub, have_tokenizer):
+    if have_tokenizer and not os.path.isfile(TOKENIZER_JSON):
+        pytest.skip(f"needs Pythia's tokenizer at {TOKENIZER_JSON}")
     files, url, ranges = hub
     hf = hf_model('hub')
     write_checkpoint(files, old_config(hf), on_disk_state(hf), 'bin')  # no model.safetensors: a 404 first
-    have_tokenizer = os.path.isfile(TOKENIZER_JSON)
     if have_tokenizer:
         (files / 'tokenizer.json').write_bytes(open(TOKENIZER_JSON, 'rb').read())
     cache = tmp_path / 'cache' / 'EleutherAI' / 'pythia-70m' / 'main'
@@ -332,7 +334,8 @@ def test_download_resumes_and_converts(tmp_path, hub):
     assert ckpt['source'] == 'EleutherAI/pythia-70m@main'
     assert ckpt.get('tokenizer') == ('pythia-f6114ad7fefe2060' if have_tokenizer else None)
     assert (tmp_path / 'out' / 'tokenizer.json').exists() == have_tokenizer
-    # everything is cached now: a second run needs no server
+    # everything is cached now, and so are the hub's 404s: a second run needs no server
+    assert (cache / 'model.safetensors.absent').exists() and (cache / 'tokenizer.json.absent').exists() != have_tokenizer
     run_convert('', tmp_path / 'out2', **{**settings, 'hub_url': 'http://127.0.0.1:9'})
 
 
