@@ -379,6 +379,17 @@ def _sub_chunks_per_block(B, H, T, chunk_size):
     return 1
 
 
+def _block_d(D):
+    """The head dim padded to what tl.arange and tl.dot take: a power of two, 16 at least."""
+    return max(16, triton.next_power_of_2(D))
+
+
+def _states_shape(B, T, H, D, chunk_size):
+    """The per-block states that the forward keeps for the backward: (B*H, NB, BLOCK_D, BLOCK_D)."""
+    block_len = chunk_size * _sub_chunks_per_block(B, H, T, chunk_size)
+    return B * H, triton.cdiv(T, block_len), _block_d(D), _block_d(D)
+
+
 def _launch_options(block_d, backward):
     if block_d <= 64:
         return dict(num_warps=NUM_WARPS_BWD if backward else NUM_WARPS_FWD)
@@ -402,12 +413,11 @@ def _scan(states, carry_in, carry_out, decay, T, H, D, block_len, reverse):
 
 def _forward(q, k, v, proj, decay, initial_state, output_final_state, chunk_size):
     B, T, H, D = q.shape
-    BLOCK_D = max(16, triton.next_power_of_2(D))
+    states = torch.empty(_states_shape(B, T, H, D, chunk_size), device=q.device, dtype=torch.float32)
+    _, NB, BLOCK_D, _ = states.shape
     nsub = _sub_chunks_per_block(B, H, T, chunk_size)
     block_len = chunk_size * nsub
-    NB = triton.cdiv(T, block_len)
     split_x = q.dtype != torch.bfloat16
-    states = torch.empty(B * H, NB, BLOCK_D, BLOCK_D, device=q.device, dtype=torch.float32)
     final_state = torch.empty(B, H, D, D, device=q.device, dtype=torch.float32) if output_final_state else None
     o = torch.empty(B, T, H, D, device=q.device, dtype=v.dtype)
     meta = dict(BLOCK_T=chunk_size, BLOCK_D=BLOCK_D, NSUB=nsub, SPLIT_X=split_x, **_launch_options(BLOCK_D, False))
@@ -418,11 +428,12 @@ def _forward(q, k, v, proj, decay, initial_state, output_final_state, chunk_size
     _output_kernel[(NB, B * H)](q, k, v, o, proj, decay, states, initial_state,
                                 *_strides(q), *_strides(k), *_strides(v), *_strides(o),
                                 T, H, D, NB, **meta, HAS_INIT=initial_state is not None)
-    return o, final_state, states, nsub
+    return o, final_state, states
 
 
-def _backward(q, k, v, proj, decay, initial_state, states, nsub, chunk_size, do, d_final, need_d_init):
+def _backward(q, k, v, proj, decay, initial_state, states, chunk_size, do, d_final, need_d_init):
     B, T, H, D = q.shape
+    nsub = _sub_chunks_per_block(B, H, T, chunk_size)  # as in _forward, which made states
     BH, NB, BLOCK_D, _ = states.shape
     block_len = chunk_size * nsub
     split_x = q.dtype != torch.bfloat16
@@ -445,17 +456,11 @@ def _backward(q, k, v, proj, decay, initial_state, states, nsub, chunk_size, do,
 # The torch ops: registered with torch.library, so that torch.compile treats each as one opaque call
 # (it would otherwise trace into the Triton launches) and inductor fuses everything around them.
 
-def _states_shape(B, T, H, D, chunk_size):
-    """The per-block states that the forward keeps for the backward: (B*H, NB, BLOCK_D, BLOCK_D)."""
-    block_len = chunk_size * _sub_chunks_per_block(B, H, T, chunk_size)
-    return B * H, triton.cdiv(T, block_len), max(16, triton.next_power_of_2(D)), max(16, triton.next_power_of_2(D))
-
-
 @torch.library.custom_op("dijiang::chunk_attention", mutates_args=())
 def _chunk_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj: torch.Tensor,
                         decay: torch.Tensor, initial_state: Optional[torch.Tensor], output_final_state: bool,
                         chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    o, final_state, states, _ = _forward(q, k, v, proj, decay, initial_state, output_final_state, chunk_size)
+    o, final_state, states = _forward(q, k, v, proj, decay, initial_state, output_final_state, chunk_size)
     return o, (final_state if output_final_state else q.new_empty(0, dtype=torch.float32)), states
 
 
@@ -472,11 +477,9 @@ def _chunk_attention_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                                  decay: torch.Tensor, initial_state: Optional[torch.Tensor], states: torch.Tensor,
                                  do: torch.Tensor, d_final: Optional[torch.Tensor], chunk_size: int,
                                  need_d_init: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    B, T, H, D = q.shape
-    nsub = _sub_chunks_per_block(B, H, T, chunk_size)
     do = do if do.stride(-1) == 1 else do.contiguous()
     d_final = None if d_final is None else d_final.contiguous()
-    dq, dk, dv, d_init = _backward(q, k, v, proj, decay, initial_state, states, nsub, chunk_size, do, d_final, need_d_init)
+    dq, dk, dv, d_init = _backward(q, k, v, proj, decay, initial_state, states, chunk_size, do, d_final, need_d_init)
     return dq, dk, dv, (d_init if need_d_init else q.new_empty(0, dtype=torch.float32))
 
 
@@ -567,7 +570,7 @@ def _recurrent_step_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj: 
                        state: torch.Tensor) -> torch.Tensor:
     B, H, D = q.shape
     o = torch.empty(B, H, D, device=v.device, dtype=v.dtype)
-    BLOCK_D = max(16, triton.next_power_of_2(D))
+    BLOCK_D = _block_d(D)
     BLOCK_V = 32
     _recurrent_step_kernel[(B * H, triton.cdiv(D, BLOCK_V))](
         q, k, v, o, proj, decay, state,
