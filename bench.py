@@ -49,8 +49,10 @@ from dataclasses import asdict
 import torch
 import torch.nn.functional as F
 
-from data.prepare import parse_settings, settings_help
-from dijiang import CONFIGS, GPT, Cache, CUDAGraphDecoder, DiJiangAttention, GPTConfig, atomic_write, feature_map, write_text
+from atomic import atomic_write, atomic_write_text
+from configurator import parse_settings, settings_help
+from dijiang import CONFIGS, GPT, Cache, DiJiangAttention, GPTConfig, feature_map
+from fast.cuda_graph_decode import CUDAGraphDecoder
 
 # -----------------------------------------------------------------------------
 # settings: each can be overridden as --name=value
@@ -239,7 +241,7 @@ def build_model(attention, longest, section):
 
 def bench_prefill(section):
     for attention in model_list:
-        net = build_model(attention, max(length_list), section).to(torch_dtype).eval()
+        net = build_model(attention, max(length_list), section).to_dtype(torch_dtype).eval()
         vocab = net.config.vocab_size
 
         def prefill_ms(B, N):
@@ -326,7 +328,7 @@ def bench_decode(section):
     if profile and not device.startswith('cuda'):
         section['notes'].append("profile needs CUDA: not run")
     for attention in model_list:
-        net = build_model(attention, max(length_list) + 1, section).to(torch_dtype).eval()
+        net = build_model(attention, max(length_list) + 1, section).to_dtype(torch_dtype).eval()
         impls = ['eager', 'cuda_graph'] if attention == 'dijiang' and device.startswith('cuda') else ['eager']
         for impl in impls:
             for B in batches:
@@ -399,7 +401,7 @@ def record(section, row):
 
 def save():
     ordered = {name: results[name] for name in SECTIONS if name in results}
-    atomic_write(out, lambda tmp: write_text(tmp, json.dumps(ordered, indent=1) + '\n'))
+    atomic_write_text(out, json.dumps(ordered, indent=1) + '\n')
 
 
 def print_table(title, header, lines):

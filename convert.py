@@ -33,8 +33,9 @@ import urllib.request
 import torch
 from tqdm import tqdm
 
-from data.prepare import parse_settings, settings_help
-from dijiang import DIJIANG_ONLY_KEYS, GPT, CONFIGS, DiJiangAttention, GPTConfig, Tokenizer
+from configurator import parse_settings, settings_help
+from dijiang import DIJIANG_ONLY_KEYS, GPT, CONFIGS, DiJiangAttention, GPTConfig
+from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
 # settings: each can be overridden as --name=value

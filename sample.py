@@ -20,8 +20,10 @@ import time
 
 import torch
 
-from data.prepare import parse_settings, settings_help
-from dijiang import GPT, Tokenizer
+from configurator import parse_settings, settings_help
+from dijiang import GPT
+from fast.cuda_graph_decode import CUDAGraphDecoder
+from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
 # settings: each can be overridden as --name=value
@@ -134,7 +136,7 @@ if __name__ == '__main__':
     tokenizer = load_tokenizer(out_dir, torch.load(ckpt_path, map_location='cpu', mmap=True, weights_only=True))
     model = GPT.from_checkpoint(out_dir)
     config, torch_dtype = model.config, getattr(torch, dtype)
-    model = model.to(device=device, dtype=torch_dtype).eval()
+    model = model.to(device).to_dtype(torch_dtype).eval()
 
     # the prompt
     prompt = tokenizer.encode(read_prompt(start))
@@ -150,7 +152,10 @@ if __name__ == '__main__':
                          f"--start or lower --max_new_tokens (a dijiang model has no context limit)")
     idx = torch.tensor([prompt], dtype=torch.long, device=device)  # (1, T)
 
-    cuda_graph = config.attention == 'dijiang' and device.startswith('cuda')  # what model.generate_tokens does
+    # On CUDA a DiJiang model decodes through a CUDA graph (compiled with --compile=True): its state has a
+    # fixed size, so one captured step serves every token. Otherwise the model's own eager steps run.
+    cuda_graph = config.attention == 'dijiang' and device.startswith('cuda')
+    decoder = CUDAGraphDecoder(model, batch_size=1, compile=compile) if cuda_graph else None
     if compile and not cuda_graph:
         model.compile(dynamic=True)  # a KV cache grows every step: let one compiled graph take any length
     print(f"{out_dir}: {config.attention} model, {model.num_params() / 1e6:.1f}M parameters, {device} {dtype}, "
@@ -161,7 +166,7 @@ if __name__ == '__main__':
         print(tokenizer.decode(prompt), end='', flush=True)
         t0 = time.perf_counter()
         tokens = model.generate_tokens(idx, max_new_tokens, temperature, top_k or None, top_p if top_p < 1 else None,
-                                       compile=compile and cuda_graph)
+                                       decoder=decoder)
         for i, token in enumerate(tokens):
             print(stream.push(token.item()), end='', flush=True)  # .item() waits for the GPU: the time is real
             if i == 0:

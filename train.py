@@ -33,8 +33,12 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data.prepare import Shards, parse_settings, prepare, settings_help
-from dijiang import GPT, GPTConfig, Tokenizer, atomic_write
+from atomic import atomic_write
+from configurator import parse_settings, settings_help
+from data.prepare import prepare
+from dijiang import GPT, GPTConfig
+from shards import Shards
+from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
 # settings: each can be overridden as --name=value

@@ -15,25 +15,12 @@ runs offline on a fresh machine; Pythia's tokenizer.json comes only with a Pythi
 Output, in out_dir: train_000000.bin, train_000001.bin, ... and val_000000.bin, ... of shard_tokens
 tokens each (the last one shorter), every document followed by <|endoftext|> (as Pythia's data);
 every val_every-th document goes to val. Then prepare.json (what was made, from what) and, for
-Pythia's tokenizer, a copy of tokenizer.json. Each shard is a 1024-byte header and the tokens:
-
-    offset  type       field
-    0       int32      magic 240319928 (the paper's arXiv id 2403.19928)
-    4       int32      version 1
-    8       int32      vocab_size of the tokenizer (every id is below it)
-    12      int32      bytes per token: 2 (uint16) when vocab_size <= 65536, else 4 (uint32)
-    16      int64      number of tokens after the header
-    24      char[64]   tokenizer identity, ASCII, NUL-padded ('bytes' or 'pythia-<hash of its vocab>')
-    88..1023           zeros
-    1024    uint16/32  the tokens
-
-All little-endian. Files are written whole to a temporary name and renamed, and prepare.json is
-written last, so an interrupted run leaves no corrupt shard, and train.py refuses a folder that
-has no prepare.json. Memory stays flat on inputs of any size: lines are read as a stream, at most a
+Pythia's tokenizer, a copy of tokenizer.json. The shard format is in shards.py. Files are written
+whole to a temporary name and renamed, and prepare.json is written last, so an interrupted run
+leaves no corrupt shard, and train.py refuses a folder that has no prepare.json. Memory stays flat on inputs of any size: lines are read as a stream, at most a
 few batches are in flight to the worker processes, and tokens are held only until a shard is full.
 """
 
-import ast
 import glob
 import io
 import json
@@ -50,7 +37,10 @@ import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, for dijiang
-from dijiang import Tokenizer, atomic_write, write_text  # noqa: E402
+from atomic import atomic_write, atomic_write_text  # noqa: E402
+from configurator import parse_settings, settings_help  # noqa: E402
+from shards import token_dtype, write_shard  # noqa: E402
+from tokenizer import Tokenizer  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # settings: each can be overridden as --name=value
@@ -63,11 +53,6 @@ num_workers = os.cpu_count()  # tokenizer processes
 corpus_mb = 4.0  # size of the default corpus, in MB of text
 # -----------------------------------------------------------------------------
 
-MAGIC = 240319928
-VERSION = 1
-HEADER_BYTES = 1024
-HEADER = np.dtype([('magic', '<i4'), ('version', '<i4'), ('vocab_size', '<i4'), ('token_bytes', '<i4'),
-                   ('num_tokens', '<i8'), ('tokenizer', 'S64'), ('zeros', 'V', HEADER_BYTES - 88)])
 BATCH_BYTES = 1 << 20  # about 1 MB of JSON lines per task sent to a worker
 DEFAULT_CORPUS = os.path.join('data', 'stdlib', 'stdlib.jsonl')
 INPUT_SUFFIXES = ('.jsonl', '.jsonl.zst', '.json')
@@ -99,7 +84,7 @@ def build_default_corpus(path, max_bytes):
         size += len(text)
     random.Random(1).shuffle(docs)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    atomic_write(path, lambda tmp: write_text(tmp, ''.join(json.dumps(doc) + '\n' for doc in docs)))
+    atomic_write_text(path, ''.join(json.dumps(doc) + '\n' for doc in docs))
     return len(docs)
 
 
@@ -175,10 +160,6 @@ def load_tokenizer(spec):
         raise ValueError(f"{path} is not a tokenizer.json of a GPT-NeoX byte-level BPE (Pythia's): {e!r}") from None
 
 
-def token_dtype(vocab_size):
-    return np.uint16 if vocab_size <= 2 ** 16 else np.uint32
-
-
 worker_tokenizer = None
 
 
@@ -209,24 +190,6 @@ def tokenize_batch(task):
 
 # -----------------------------------------------------------------------------
 # Writing shards
-
-
-def shard_header(num_tokens, vocab_size, identity):
-    if len(identity.encode('ascii')) > 64:
-        raise ValueError(f"tokenizer identity {identity!r} is longer than the 64 bytes the header holds")
-    header = np.zeros((), dtype=HEADER)
-    header['magic'], header['version'], header['vocab_size'] = MAGIC, VERSION, vocab_size
-    header['token_bytes'], header['num_tokens'] = np.dtype(token_dtype(vocab_size)).itemsize, num_tokens
-    header['tokenizer'] = identity.encode('ascii')
-    return header.tobytes()
-
-
-def write_shard(path, tokens, vocab_size, identity):
-    def write(tmp_path):
-        with open(tmp_path, 'wb') as f:
-            f.write(shard_header(len(tokens), vocab_size, identity))
-            f.write(tokens.tobytes())
-    atomic_write(path, write)
 
 
 class ShardWriter:
@@ -322,119 +285,10 @@ def prepare(input='', tokenizer='', out_dir='', shard_tokens=shard_tokens, val_e
                    eot_token=tok.eot_token, documents=documents, val_every=val_every,
                    **{split: dict(tokens=w.total, shards=w.shards) for split, w in writers.items()},
                    seconds=round(time.time() - start, 1), date=time.strftime('%Y-%m-%d %H:%M:%S'))
-    atomic_write(os.path.join(out_dir, 'prepare.json'), lambda tmp: write_text(tmp, json.dumps(summary, indent=2) + '\n'))
+    atomic_write_text(os.path.join(out_dir, 'prepare.json'), json.dumps(summary, indent=2) + '\n')
     print(f"{documents} documents -> {writers['train'].total:,} train and {writers['val'].total:,} val tokens "
           f"({tok.identity}) in {out_dir}, {time.time() - start:.1f}s")
     return out_dir
-
-# -----------------------------------------------------------------------------
-# Reading shards back (used by train.py)
-
-
-def read_header(path):
-    """The header of a shard as a dict, checked against the file; ValueError names what is wrong."""
-    with open(path, 'rb') as f:
-        raw = f.read(HEADER_BYTES)
-    if len(raw) < HEADER_BYTES or int(np.frombuffer(raw, '<i4', 1)[0]) != MAGIC:
-        raise ValueError(f"{path} is not a token shard (wrong magic number): make it with data/prepare.py")
-    header = np.frombuffer(raw, HEADER, 1)[0]
-    if header['version'] != VERSION:
-        raise ValueError(f"{path} is shard format version {header['version']}, this code reads version {VERSION}: "
-                         "rerun data/prepare.py")
-    info = dict(vocab_size=int(header['vocab_size']), token_bytes=int(header['token_bytes']),
-                num_tokens=int(header['num_tokens']), tokenizer=header['tokenizer'].decode('ascii'))
-    expected_size = HEADER_BYTES + info['num_tokens'] * info['token_bytes']
-    if os.path.getsize(path) != expected_size:
-        raise ValueError(f"{path} has {os.path.getsize(path)} bytes, its header says {expected_size}: "
-                         "the file is damaged; rerun data/prepare.py")
-    return info
-
-
-class Shards:
-    """The shards of one split, memory-mapped and read as one stream of windows of block_size + 1
-    tokens (inputs and their next-token targets). Window j of a shard starts at token j * block_size;
-    windows do not cross shards, so each shard's last partial window is left out. Window indices
-    run over all shards in order and wrap around at the end (the next epoch)."""
-
-    def __init__(self, data_dir, split, block_size):
-        if not os.path.isfile(os.path.join(data_dir, 'prepare.json')):
-            raise ValueError(f"no prepared data in {data_dir} (no prepare.json; an interrupted run leaves none): "
-                             f"run python data/prepare.py --out_dir={data_dir} ...")
-        paths = sorted(glob.glob(os.path.join(data_dir, f'{split}_*.bin')))
-        if not paths:
-            raise ValueError(f"no {split}_*.bin shards in {data_dir}: rerun data/prepare.py")
-        headers = [read_header(path) for path in paths]
-        for path, header in zip(paths, headers):
-            if (header['tokenizer'], header['vocab_size']) != (headers[0]['tokenizer'], headers[0]['vocab_size']):
-                raise ValueError(f"{path} was made with tokenizer {header['tokenizer']}, {paths[0]} with "
-                                 f"{headers[0]['tokenizer']}: rerun data/prepare.py into an empty folder")
-        self.data_dir, self.split, self.block_size = data_dir, split, block_size
-        self.tokenizer, self.vocab_size = headers[0]['tokenizer'], headers[0]['vocab_size']
-        self.num_tokens = sum(h['num_tokens'] for h in headers)
-        dtype = token_dtype(self.vocab_size)
-        self.tokens = [np.memmap(path, dtype=dtype, mode='r', offset=HEADER_BYTES, shape=(h['num_tokens'],))
-                       for path, h in zip(paths, headers)]
-        windows = [max(0, (len(t) - 1) // block_size) for t in self.tokens]
-        self.first_window = np.cumsum([0] + windows)  # window index where each shard starts
-        self.num_windows = int(self.first_window[-1])
-        if self.num_windows == 0:
-            raise ValueError(f"the {split} split of {data_dir} has {self.num_tokens} tokens, fewer than "
-                             f"block_size + 1 = {block_size + 1}: use more data or a smaller block_size")
-
-    def check_tokenizer(self, tokenizer, vocab_size, fix):
-        """Refuse shards the model cannot read: another tokenizer (when known) or ids past its vocab."""
-        if tokenizer is not None and tokenizer != self.tokenizer:
-            raise ValueError(f"{self.data_dir} was tokenized with {self.tokenizer}, the model uses {tokenizer}: {fix}")
-        if self.vocab_size > vocab_size:
-            raise ValueError(f"{self.data_dir} holds token ids up to {self.vocab_size - 1}, the model's vocab_size "
-                             f"is {vocab_size}: {fix}")
-
-    def windows(self, start, count):
-        """Windows start .. start + count - 1 (mod the number of windows) as int64 (count, block_size + 1)."""
-        out = np.empty((count, self.block_size + 1), dtype=np.int64)
-        for i in range(count):
-            window = (start + i) % self.num_windows
-            shard = int(np.searchsorted(self.first_window, window, side='right')) - 1
-            offset = (window - int(self.first_window[shard])) * self.block_size
-            out[i] = self.tokens[shard][offset:offset + self.block_size + 1]
-        return out
-
-# -----------------------------------------------------------------------------
-
-
-def parse_settings(argv, settings, help_text):
-    """The --name=value overrides in argv, as a dict, checked against settings (name -> default).
-    Values are Python literals (1e-3, True, (0.9, 0.95)) of the default's type; a string setting takes
-    the text as written.
-    --help prints help_text and exits. train.py uses this parser too."""
-    overrides = {}
-    for arg in argv:
-        if arg in ('-h', '--help'):
-            print(help_text)
-            sys.exit(0)
-        name, eq, text = arg.removeprefix('--').partition('=')
-        if not arg.startswith('--') or not eq or name not in settings:
-            raise SystemExit(f"error: unknown argument {arg!r}: use --name=value with a name from --help")
-        try:  # a string setting takes the text as written: --start=42 is the text '42'
-            value = text if isinstance(settings[name], str) else ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            value = text
-        if isinstance(settings[name], float) and isinstance(value, (int, str)):
-            try:
-                value = float(value)  # also 'inf' and 'nan'
-            except ValueError:
-                pass
-        if type(value) is not type(settings[name]):
-            raise SystemExit(f"error: --{name}={text}: expected a value like {settings[name]!r} ({type(settings[name]).__name__})")
-        overrides[name] = value
-    return overrides
-
-
-def settings_help(path):
-    """The usage: this file's settings block, verbatim, defaults and comments included."""
-    with open(path) as f:
-        block = f.read().split('# settings:')[1].split('# ----')[0]
-    return f"usage: python {os.path.relpath(path)} [--name=value ...]\n\n# settings:{block.rstrip()}"
 
 
 if __name__ == '__main__':

@@ -100,7 +100,7 @@ def test_cache_bytes_is_what_decoding_holds(monkeypatch):
     monkeypatch.setattr(bench, 'torch_dtype', torch.bfloat16, raising=False)  # set from --dtype when run
     torch.manual_seed(0)
     for attention in ('softmax', 'dijiang'):
-        model = GPT(GPTConfig.named('tiny', attention=attention, vocab_size=64)).to(torch.bfloat16)
+        model = GPT(GPTConfig.named('tiny', attention=attention, vocab_size=64)).to_dtype(torch.bfloat16)
         cache = model.new_cache()
         model(torch.randint(0, 64, (3, 50)), cache=cache)
         assert bench.cache_bytes(model.config, 3, 50, torch.bfloat16) == sum(t.nbytes for t in tensors(cache))

@@ -19,7 +19,7 @@ from dijiang import GPT, decay_schedule, projection_matrix  # noqa: E402
 
 transformers = pytest.importorskip('transformers', reason='transformers is the reference (pip install transformers)')
 safetensors_torch = pytest.importorskip('safetensors.torch', reason='pip install safetensors')
-TOKENIZER_JSON = os.path.join(ROOT, '..', 'shared', 'pythia', 'tokenizer.json')
+from conftest import PYTHIA_TOKENIZER as TOKENIZER_JSON  # noqa: E402
 
 # small GPT-NeoX configs: partial and full rotary, parallel residual on and off, odd sizes
 CONFIGS = {

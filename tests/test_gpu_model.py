@@ -3,13 +3,11 @@ Run on a GPU machine; skipped on CPU. bf16 matrix products in the kernels: toler
 import pytest
 import torch
 
-from dijiang import GPT, CUDAGraphDecoder, GPTConfig
+from conftest import rel_err
+from dijiang import GPT, GPTConfig
+from fast.cuda_graph_decode import CUDAGraphDecoder
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
-
-
-def rel_err(x, ref):
-    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def pair(**overrides):
@@ -22,9 +20,9 @@ def pair(**overrides):
     return fast, reference
 
 
-@pytest.mark.parametrize('T', [1, 65, 1000])
-def test_triton_dispatch_matches_torch_chunk_form(T):
-    fast, reference = pair()
+@pytest.mark.parametrize('T,feature_map', [(1, 'qmc'), (65, 'qmc'), (1000, 'qmc'), (333, 'mc'), (333, 'performer')])
+def test_triton_dispatch_matches_torch_chunk_form(T, feature_map):
+    fast, reference = pair(feature_map=feature_map)
     assert fast.layers[0].attn.uses_triton(torch.zeros(1, device='cuda'))
     idx = torch.randint(0, 500, (2, T), device='cuda')
     logits, loss = fast(idx, idx)
@@ -55,7 +53,7 @@ def test_compiled_model_matches_eager():
 @pytest.mark.parametrize('batch,compile', [(3, False), (3, True), (1, True)])  # batch 1: one-row products as reductions
 def test_cuda_graph_decoding_matches_eager_recurrent_steps(batch, compile):
     fast, reference = pair()
-    fast, reference = fast.to(torch.bfloat16), reference.to(torch.bfloat16)
+    fast, reference = fast.to_dtype(torch.bfloat16), reference.to_dtype(torch.bfloat16)
     prompt = torch.randint(0, 500, (batch, 77), device='cuda')
     tokens = torch.randint(0, 500, (batch, 20), device='cuda')
     with torch.no_grad():

@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 
 import data.prepare as prep
-from dijiang import Tokenizer
+import shards
+from conftest import PYTHIA_TOKENIZER
+from configurator import parse_settings
+from tokenizer import Tokenizer
 
-PYTHIA_TOKENIZER = os.path.join('..', 'shared', 'pythia', 'tokenizer.json')
 
 DOCS = ["Hello, world!", "def f(x):\n    return x  # two  spaces", "naïve café, 東京, 🙂",
         "", "The Pile is a dataset.\n\n\tTabs and newlines.", "x" * 300, "last one"] * 3
@@ -39,8 +41,8 @@ def expected_tokens(docs, encode, eot, val_every):
 def read_split(out_dir, split):
     tokens = []
     for path in sorted(glob.glob(os.path.join(out_dir, f'{split}_*.bin'))):
-        shard = np.fromfile(path, dtype=np.uint16, offset=prep.HEADER_BYTES)
-        assert prep.read_header(path)['num_tokens'] == len(shard)
+        shard = np.fromfile(path, dtype=np.uint16, offset=shards.HEADER_BYTES)
+        assert shards.read_header(path)['num_tokens'] == len(shard)
         tokens += shard.tolist()
     return tokens
 
@@ -66,15 +68,18 @@ def test_shards_hold_every_document_then_eot(tmp_path, monkeypatch, compress):
     assert summary['documents'] == len(DOCS) and summary['train']['tokens'] == len(expected['train'])
     assert len(summary['train']['shards']) == -(-len(expected['train']) // 50)
 
-    # the reader: windows of block_size + 1 tokens, in order, wrapping around
-    shards = prep.Shards(out_dir, 'train', block_size=8)
-    assert shards.num_tokens == len(expected['train'])
-    assert shards.num_windows == sum(max(0, (shard['tokens'] - 1) // 8) for shard in summary['train']['shards'])
-    windows = shards.windows(0, 3)
-    assert windows.dtype == np.int64 and windows.tolist() == [expected['train'][8 * i:8 * i + 9] for i in range(3)]
-    assert shards.windows(shards.num_windows, 1).tolist() == windows[:1].tolist()
-    second_shard = shards.windows(int(shards.first_window[1]), 1)[0].tolist()
-    assert second_shard == expected['train'][50:59]
+    # the reader: windows of block_size + 1 tokens that do not cross shards, every one read once per
+    # epoch in a scattered order, wrapping around
+    train = shards.Shards(out_dir, 'train', block_size=8)
+    assert train.num_tokens == len(expected['train'])
+    in_shard_order = [expected['train'][start + 8 * j:start + 8 * j + 9]
+                      for start, shard in zip(range(0, 10 ** 9, 50), summary['train']['shards'])
+                      for j in range((shard['tokens'] - 1) // 8)]
+    assert train.num_windows == len(in_shard_order) > 4
+    epoch = train.windows(0, train.num_windows)
+    assert epoch.dtype == np.int64 and sorted(epoch.tolist()) == sorted(in_shard_order)
+    assert epoch.tolist()[:2] != in_shard_order[:2]  # consecutive reads are not neighbours
+    assert train.windows(train.num_windows + 1, 2).tolist() == epoch[1:3].tolist()
 
 
 def test_folder_input_reads_files_in_order(tmp_path):
@@ -85,11 +90,10 @@ def test_folder_input_reads_files_in_order(tmp_path):
     (folder / 'notes.txt').write_text('not input')
     out_dir = prep.prepare(input=str(folder), tokenizer='bytes', out_dir=str(tmp_path / 'out'), val_every=3, num_workers=1)
     expected = expected_tokens(DOCS, lambda s: list(s.encode('utf-8')), 256, val_every=3)
-    assert prep.Shards(out_dir, 'train', 4).windows(0, 1)[0].tolist() == expected['train'][:5]
-    assert prep.Shards(out_dir, 'val', 4).num_tokens == len(expected['val'])
+    assert shards.Shards(out_dir, 'train', 4).tokens[0].tolist() == expected['train']
+    assert shards.Shards(out_dir, 'val', 4).num_tokens == len(expected['val'])
 
 
-@pytest.mark.skipif(not os.path.isfile(PYTHIA_TOKENIZER), reason='needs ../shared/pythia/tokenizer.json')
 def test_pythia_tokenizer(tmp_path):
     path = write_jsonl(tmp_path / 'docs.jsonl', DOCS)
     out_dir = prep.prepare(input=path, tokenizer=PYTHIA_TOKENIZER, out_dir=str(tmp_path / 'out'), val_every=5,
@@ -97,7 +101,7 @@ def test_pythia_tokenizer(tmp_path):
     tok = Tokenizer.from_file(PYTHIA_TOKENIZER)
     assert tok.eot_token == 0 and tok.identity.startswith('pythia-')
     expected = expected_tokens(DOCS, tok.encode, tok.eot_token, val_every=5)
-    train = prep.Shards(out_dir, 'train', 4)
+    train = shards.Shards(out_dir, 'train', 4)
     assert train.tokenizer == tok.identity and train.vocab_size == tok.vocab_size == 50277
     assert train.tokens[0].tolist() == expected['train']
     assert open(os.path.join(out_dir, 'tokenizer.json'), 'rb').read() == open(PYTHIA_TOKENIZER, 'rb').read()
@@ -106,13 +110,13 @@ def test_pythia_tokenizer(tmp_path):
 def test_wrong_tokenizer_is_refused(tmp_path):
     out_dir = prep.prepare(input=write_jsonl(tmp_path / 'd.jsonl', DOCS), tokenizer='bytes',
                            out_dir=str(tmp_path / 'out'), num_workers=1)
-    shards = prep.Shards(out_dir, 'train', 4)
+    train = shards.Shards(out_dir, 'train', 4)
     with pytest.raises(ValueError, match='tokenized with bytes, the model uses pythia-abc: rerun it'):
-        shards.check_tokenizer('pythia-abc', 50304, 'rerun it')
+        train.check_tokenizer('pythia-abc', 50304, 'rerun it')
     with pytest.raises(ValueError, match="token ids up to 256, the model's vocab_size is 128"):
-        shards.check_tokenizer('bytes', 128, 'rerun it')
-    shards.check_tokenizer('bytes', 384, 'fine')
-    shards.check_tokenizer(None, 257, 'fine: identity unknown, the vocab fits')
+        train.check_tokenizer('bytes', 128, 'rerun it')
+    train.check_tokenizer('bytes', 384, 'fine')
+    train.check_tokenizer(None, 257, 'fine: identity unknown, the vocab fits')
 
     # a file that is not a GPT-NeoX tokenizer.json, and a missing one
     bogus = tmp_path / 'tokenizer.json'
@@ -132,19 +136,22 @@ def test_damaged_or_foreign_shards_are_refused(tmp_path):
     raw = open(path, 'rb').read()
     open(path, 'wb').write(raw[:-2])
     with pytest.raises(ValueError, match='damaged'):
-        prep.Shards(out_dir, 'train', 4)
+        shards.Shards(out_dir, 'train', 4)
     open(path, 'wb').write(b'\0' * 4 + raw[4:])
     with pytest.raises(ValueError, match='wrong magic'):
-        prep.Shards(out_dir, 'train', 4)
+        shards.Shards(out_dir, 'train', 4)
     open(path, 'wb').write(raw[:4] + np.int32(7).tobytes() + raw[8:])
     with pytest.raises(ValueError, match='version 7'):
-        prep.Shards(out_dir, 'train', 4)
+        shards.Shards(out_dir, 'train', 4)
+    open(path, 'wb').write(raw[:1024 + 20] + b'\xff\xff' + raw[1024 + 22:])  # garbage inside, header intact
+    with pytest.raises(ValueError, match=r"train_000000.bin holds token id 65535, but its header's vocab_size is 257"):
+        shards.Shards(out_dir, 'train', 4)
     open(path, 'wb').write(raw)
-    prep.write_shard(os.path.join(out_dir, 'train_000001.bin'), np.zeros(9, np.uint16), 300, 'other')
+    shards.write_shard(os.path.join(out_dir, 'train_000001.bin'), np.zeros(9, np.uint16), 300, 'other')
     with pytest.raises(ValueError, match='made with tokenizer other'):
-        prep.Shards(out_dir, 'train', 4)
+        shards.Shards(out_dir, 'train', 4)
     with pytest.raises(ValueError, match='fewer than block_size'):
-        prep.Shards(out_dir, 'val', 10_000)
+        shards.Shards(out_dir, 'val', 10_000)
 
 
 def test_interrupted_run_leaves_no_corrupt_shard(tmp_path, monkeypatch):
@@ -157,12 +164,12 @@ def test_interrupted_run_leaves_no_corrupt_shard(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"bad.jsonl, line 43: not a JSON object with a 'text' field"):
         prep.prepare(input=str(bad), tokenizer='bytes', out_dir=out_dir, shard_tokens=50, num_workers=2)
     # ... leaves whole shards only, no temp files, and no prepare.json, so train.py refuses the folder
-    shards = glob.glob(os.path.join(out_dir, '*.bin'))
-    assert shards and sorted(os.listdir(out_dir)) == sorted(os.path.basename(p) for p in shards)
-    for path in shards:
-        assert prep.read_header(path)['num_tokens'] == 50
+    shard_paths = glob.glob(os.path.join(out_dir, '*.bin'))
+    assert shard_paths and sorted(os.listdir(out_dir)) == sorted(os.path.basename(p) for p in shard_paths)
+    for path in shard_paths:
+        assert shards.read_header(path)['num_tokens'] == 50
     with pytest.raises(ValueError, match='no prepare.json'):
-        prep.Shards(out_dir, 'train', 4)
+        shards.Shards(out_dir, 'train', 4)
     # and a rerun replaces everything
     prep.prepare(input=good, tokenizer='bytes', out_dir=out_dir, shard_tokens=10_000, num_workers=1)
     assert sorted(os.listdir(out_dir)) == ['prepare.json', 'train_000000.bin', 'val_000000.bin']
@@ -189,15 +196,15 @@ def test_default_corpus_is_labelled_pile_format(tmp_path):
 
 def test_settings_parser():
     settings = dict(input='', shard_tokens=10, val_every=50, corpus_mb=4.0)
-    assert prep.parse_settings(['--input=a b.jsonl', '--shard_tokens=5', '--corpus_mb=1'], settings, '') == \
+    assert parse_settings(['--input=a b.jsonl', '--shard_tokens=5', '--corpus_mb=1'], settings, '') == \
         dict(input='a b.jsonl', shard_tokens=5, corpus_mb=1.0)
     # a string setting keeps literal-looking text as written
-    assert prep.parse_settings(["--input=42", "--input='q'", '--input=1,2'], settings, '') == dict(input='1,2')
-    assert prep.parse_settings(['--input=42'], settings, '') == dict(input='42')
-    assert prep.parse_settings(["--input='q'"], settings, '') == dict(input="'q'")
+    assert parse_settings(["--input=42", "--input='q'", '--input=1,2'], settings, '') == dict(input='1,2')
+    assert parse_settings(['--input=42'], settings, '') == dict(input='42')
+    assert parse_settings(["--input='q'"], settings, '') == dict(input="'q'")
     with pytest.raises(SystemExit, match="unknown argument '--nope=1'"):
-        prep.parse_settings(['--nope=1'], settings, '')
+        parse_settings(['--nope=1'], settings, '')
     with pytest.raises(SystemExit, match=r'expected a value like 10 \(int\)'):
-        prep.parse_settings(['--shard_tokens=many'], settings, '')
+        parse_settings(['--shard_tokens=many'], settings, '')
     help_text = prep.settings_help(prep.__file__)
     assert 'shard_tokens = 100_000_000' in help_text and 'val_every = 50' in help_text

@@ -11,10 +11,11 @@ import pytest
 import torch
 
 import sample
-from dijiang import GPT, GPTConfig, Tokenizer
+from conftest import PYTHIA_TOKENIZER
+from dijiang import GPT, GPTConfig
+from tokenizer import Tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PYTHIA_TOKENIZER = os.path.join(REPO, '..', 'shared', 'pythia', 'tokenizer.json')
 SEPARATOR = '\n---------------\n'
 
 
@@ -50,8 +51,6 @@ def test_greedy_subprocess_prints_what_generate_gives(tmp_path):
 
 
 def test_pythia_tokenizer_and_prompt_file(tmp_path, monkeypatch, capsys):
-    if not os.path.isfile(PYTHIA_TOKENIZER):
-        pytest.skip("needs ../shared/pythia/tokenizer.json")
     torch.manual_seed(0)
     model = GPT(GPTConfig.named('tiny', attention='softmax', block_size=64))  # vocab 50304, as Pythia's embedding
     model.save_checkpoint(tmp_path / 'model')
@@ -69,8 +68,6 @@ def test_pythia_tokenizer_and_prompt_file(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize('use_pythia', [False, True])
 def test_stream_prints_multibyte_characters_whole(use_pythia):
-    if use_pythia and not os.path.isfile(PYTHIA_TOKENIZER):
-        pytest.skip("needs ../shared/pythia/tokenizer.json")
     tokenizer = Tokenizer.from_file(PYTHIA_TOKENIZER) if use_pythia else Tokenizer.bytes()
     text = 'naïve café: 中文字符, emoji 😀🙂 and ∑ math — the end'
     ids = tokenizer.encode(text)

@@ -1,22 +1,20 @@
-"""dijiang.Tokenizer (tiktoken) against HF `tokenizers` on Pythia's real tokenizer.json: the same ids for
+"""tokenizer.Tokenizer (tiktoken) against HF `tokenizers` on Pythia's real tokenizer.json: the same ids for
 any text, and decode round-trips."""
 import glob
 import json
 import os
 import random
+import re
+import shutil
 import sys
 import unicodedata
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from dijiang import Tokenizer  # noqa: E402
+from conftest import PYTHIA_TOKENIZER as TOKENIZER_JSON
+from tokenizer import Tokenizer
 
-TOKENIZER_JSON = os.path.join(ROOT, '..', 'shared', 'pythia', 'tokenizer.json')
 hf_tokenizers = pytest.importorskip('tokenizers', reason='HF tokenizers is the reference (pip install tokenizers)')
-if not os.path.isfile(TOKENIZER_JSON):
-    pytest.skip(f'Pythia tokenizer.json not found at {TOKENIZER_JSON}', allow_module_level=True)
 
 
 @pytest.fixture(scope='module')
@@ -141,11 +139,22 @@ def test_decode_matches_hf_on_any_ids(tok, hf):
     assert tok.decode([50300, 12092]) == 'Hello'  # padding rows (50277..50303) decode to nothing
 
 
-def test_sizes_and_identity(tok):
+def test_sizes_and_identity(tok, tmp_path):
     assert tok.vocab_size == 50277  # 50254 BPE entries + 23 space runs; the model's embedding pads to 50304
     # data shards store the identity; it must not change for the same tokenizer.json
     assert tok.identity == 'pythia-f6114ad7fefe2060'
-    assert Tokenizer.from_dir(os.path.dirname(TOKENIZER_JSON)).identity == tok.identity
+    shutil.copy(TOKENIZER_JSON, tmp_path / 'tokenizer.json')  # a convert.py folder holds it under this name
+    assert Tokenizer.from_dir(tmp_path).identity == tok.identity
+
+
+def test_a_file_that_is_not_a_tokenizer_is_named(tmp_path):
+    for content in (b'{"model": ', b'\xff\xfe', b'[1, 2]', b'{"model": {"type": "BPE"}}'):
+        path = tmp_path / 'tokenizer.json'
+        path.write_bytes(content)
+        with pytest.raises(ValueError, match=re.escape(str(path)) + ':? (is )?not a GPT-NeoX'):
+            Tokenizer.from_file(str(path))
+    with pytest.raises(ValueError, match='no tokenizer at'):
+        Tokenizer.from_file(str(tmp_path / 'missing.json'))
 
 
 def test_bytes_tokenizer():

@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from data.prepare import build_default_corpus, prepare, write_shard
+from conftest import PYTHIA_TOKENIZER
+from data.prepare import build_default_corpus, prepare
 from dijiang import GPT, GPTConfig
+from shards import write_shard
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PYTHIA_TOKENIZER = os.path.join('..', 'shared', 'pythia', 'tokenizer.json')
 # 8 windows of 32 tokens per step, a high lr so 6 steps visibly learn
 SMALL = ['--block_size=32', '--batch_size=256', '--warmup=2', '--lr=1e-2', '--eval_iters=2', '--log_interval=1']
 
@@ -203,7 +204,6 @@ def test_eval_only_reproduces_the_logged_val_loss(data_dir, tmp_path, capsys):
     assert printed == pytest.approx(logged, abs=1e-4)
 
 
-@pytest.mark.skipif(not os.path.isfile(PYTHIA_TOKENIZER), reason='needs ../shared/pythia/tokenizer.json')
 def test_pythia_data_puts_the_tokenizer_beside_the_checkpoint(tmp_path):
     corpus = tmp_path / 'docs.jsonl'
     corpus.write_text(''.join(json.dumps(dict(text=f"Document {i}: the quick brown fox. " * 20)) + '\n' for i in range(40)))

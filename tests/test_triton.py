@@ -1,5 +1,5 @@
 """
-Tests of dijiang_triton.py against a direct float64 evaluation of the DiJiang attention formula.
+Tests of fast/triton_attention.py against a direct float64 evaluation of the DiJiang attention formula.
 They need a GPU and are skipped on CPU; with TRITON_INTERPRET=1 they run on the CPU through
 Triton's interpreter (slow, for kernel development), except the CUDA-graph and 64K-token tests.
 """
@@ -16,8 +16,10 @@ pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() or INTERPRET),
                                 reason="Triton kernels need a CUDA GPU (or TRITON_INTERPRET=1)")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-import dijiang_triton  # noqa: E402
-from dijiang_triton import chunk_attention, recurrent_step  # noqa: E402
+from conftest import reference_attention, rel_err  # noqa: E402
+from dijiang import projection_matrix  # noqa: E402
+from fast import triton_attention  # noqa: E402
+from fast.triton_attention import chunk_attention, recurrent_step  # noqa: E402
 
 
 def make_inputs(B, T, H, D, dtype=torch.bfloat16, seed=0, fused=False):
@@ -35,39 +37,32 @@ def make_inputs(B, T, H, D, dtype=torch.bfloat16, seed=0, fused=False):
     return q, k, v, proj, decay
 
 
-def reference(q, k, v, proj, decay, initial_state=None):
-    """The formula itself, in float64 and O(T^2): o, and the state after the last token."""
-    q, k, v, proj, gamma = (x.double() for x in (q, k, v, proj, decay))
-    phi_q, phi_k = torch.softmax(q @ proj, -1), torch.softmax(k @ proj, -1)  # (B, T, H, D)
-    T = q.shape[1]
-    n = torch.arange(T, device=q.device)
-    diff = n[:, None] - n[None, :]
-    decay_matrix = torch.where(diff >= 0, gamma[:, None, None] ** diff.clamp(min=0), 0.0)  # (H, T, T)
-    scores = torch.einsum("bnhd,bmhd->bhnm", phi_q, phi_k) * decay_matrix
-    o = torch.einsum("bhnm,bmhd->bnhd", scores, v)
-    k_decay = (gamma[None, :] ** (T - 1 - n)[:, None])[None, :, :, None]  # (1, T, H, 1)
-    final = torch.einsum("bmhd,bmhe->bhde", phi_k * k_decay, v)
-    if initial_state is not None:
-        s0 = initial_state.double()
-        q_decay = (gamma[None, :] ** (n + 1)[:, None])[None, :, :, None]
-        o = o + torch.einsum("bnhd,bhde->bnhe", phi_q * q_decay, s0)
-        final = final + gamma[None, :, None, None] ** T * s0
-    return o, final
-
-
-def rel_err(out, ref):
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
-
-
 @pytest.mark.parametrize("T", [1, 63, 65, 1000] + ([] if INTERPRET else [4097]))
 def test_forward_matches_float64(T):
     q, k, v, proj, decay = make_inputs(2, T, 2, 64, fused=True, seed=T)
     s0 = torch.randn(2, 2, 64, 64, device=DEVICE) * 0.1
     o, final = chunk_attention(q, k, v, proj, decay, initial_state=s0, output_final_state=True)
-    o_ref, final_ref = reference(q, k, v, proj, decay, s0)
+    o_ref, final_ref = reference_attention(q, k, v, proj, decay, s0)
     assert o.dtype == v.dtype and o.shape == v.shape
     assert rel_err(o, o_ref) < 1e-2
     assert rel_err(final, final_ref) < 1e-2
+
+
+@pytest.mark.parametrize("feature_map", ["qmc", "mc", "performer"])
+def test_every_feature_map_matches_float64(feature_map):
+    """The kernel takes any P: the model's three softmax feature maps, forward and backward."""
+    q, k, v, _, decay = make_inputs(2, 200, 2, 64, seed=5)
+    proj = projection_matrix(64, feature_map, seed=3).to(DEVICE)
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    o, final = chunk_attention(*leaves, proj, decay, output_final_state=True)
+    do = torch.randn_like(o)
+    grads = torch.autograd.grad((o * do).float().sum(), leaves)
+    ref_leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    o_ref, final_ref = reference_attention(*ref_leaves, proj, decay)
+    ref_grads = torch.autograd.grad((o_ref * do.double()).sum(), ref_leaves)
+    assert rel_err(o, o_ref) < 1e-2 and rel_err(final, final_ref) < 1e-2
+    for name, grad, ref in zip("qkv", grads, ref_grads):
+        assert rel_err(grad, ref) < 1e-2, name
 
 
 @pytest.mark.parametrize("T", [1, 63, 65, 1000] + ([] if INTERPRET else [4097]))
@@ -81,7 +76,7 @@ def test_backward_matches_float64(T):
     grads = torch.autograd.grad((o.float() * do).sum() + (final * d_final).sum(), leaves)
 
     ref_leaves = [x.detach().double().requires_grad_() for x in (q, k, v, s0)]
-    o_ref, final_ref = reference(*ref_leaves[:3], proj, decay, ref_leaves[3])
+    o_ref, final_ref = reference_attention(*ref_leaves[:3], proj, decay, ref_leaves[3])
     ref_grads = torch.autograd.grad((o_ref * do.double()).sum() + (final_ref * d_final.double()).sum(), ref_leaves)
     for name, grad, ref in zip(("dq", "dk", "dv", "d_initial_state"), grads, ref_grads):
         assert rel_err(grad, ref) < 1e-2, name
@@ -96,7 +91,7 @@ def test_other_head_dims(D):
     do = torch.randn_like(o)
     grads = torch.autograd.grad(o, leaves, do)
     ref_leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
-    o_ref, _ = reference(*ref_leaves, proj, decay)
+    o_ref, _ = reference_attention(*ref_leaves, proj, decay)
     ref_grads = torch.autograd.grad(o_ref, ref_leaves, do.double())
     assert rel_err(o, o_ref) < 1e-2
     for grad, ref in zip(grads, ref_grads):
@@ -106,7 +101,7 @@ def test_other_head_dims(D):
 def test_float32_inputs_and_small_chunks():
     q, k, v, proj, decay = make_inputs(2, 100, 2, 64, dtype=torch.float32)
     o, final = chunk_attention(q, k, v, proj, decay, output_final_state=True, chunk_size=32)
-    o_ref, final_ref = reference(q, k, v, proj, decay)
+    o_ref, final_ref = reference_attention(q, k, v, proj, decay)
     assert o.dtype == torch.float32
     assert rel_err(o, o_ref) < 1e-2 and rel_err(final, final_ref) < 1e-2
 
@@ -143,7 +138,7 @@ def test_long_sequence_stays_finite_and_exact():
 def test_recurrent_step_matches_chunk_attention():
     B, T, H, D = 2, 40, 2, 64
     q, k, v, proj, decay = make_inputs(B, T, H, D)
-    o_ref, final_ref = reference(q, k, v, proj, decay)
+    o_ref, final_ref = reference_attention(q, k, v, proj, decay)
     state = torch.zeros(B, H, D, D, device=DEVICE)
     outs = [recurrent_step(q[:, t], k[:, t], v[:, t], proj, decay, state) for t in range(T - 1)]
     outs.append(recurrent_step(q[:, -1:], k[:, -1:], v[:, -1:], proj, decay, state)[:, 0])  # (B, 1, H, D) form
@@ -159,7 +154,7 @@ def test_recurrent_step_other_head_dims(D):
     state = torch.randn(3, 2, D, D, device=DEVICE)
     s0 = state.clone()
     outs = [recurrent_step(q[:, t], k[:, t], v[:, t], proj, decay, state) for t in range(5)]
-    o_ref, final_ref = reference(q, k, v, proj, decay, s0)
+    o_ref, final_ref = reference_attention(q, k, v, proj, decay, s0)
     assert rel_err(torch.stack(outs, 1), o_ref) < 1e-5
     assert rel_err(state, final_ref) < 1e-5
 
@@ -182,7 +177,7 @@ def test_recurrent_step_cuda_graph():
             dst.copy_(src[:, t])
         graph.replay()
         outs.append(static_out.clone())
-    o_ref, final_ref = reference(q, k, v, proj, decay)
+    o_ref, final_ref = reference_attention(q, k, v, proj, decay)
     assert rel_err(torch.stack(outs, 1), o_ref) < 1e-2
     assert rel_err(state, final_ref) < 1e-4
 
@@ -205,8 +200,8 @@ def test_torch_ops_pass_opcheck():
     q, k, v, proj, decay = make_inputs(2, 37, 2, 16, dtype=torch.float32)
     q, k, v = (x.requires_grad_() for x in (q, k, v))
     s0 = torch.randn(2, 2, 16, 16, device=DEVICE, requires_grad=True)
-    torch.library.opcheck(dijiang_triton._chunk_attention_op, (q, k, v, proj, decay, None, False, 16))
-    torch.library.opcheck(dijiang_triton._chunk_attention_op, (q, k, v, proj, decay, s0, True, 32))
+    torch.library.opcheck(triton_attention._chunk_attention_op, (q, k, v, proj, decay, None, False, 16))
+    torch.library.opcheck(triton_attention._chunk_attention_op, (q, k, v, proj, decay, s0, True, 32))
     state = torch.randn(2, 2, 16, 16, device=DEVICE)
-    torch.library.opcheck(dijiang_triton._recurrent_step_op,
+    torch.library.opcheck(triton_attention._recurrent_step_op,
                           (q[:, 0].detach(), k[:, 0].detach(), v[:, 0].detach(), proj, decay, state))

@@ -1,7 +1,7 @@
 """
 Fused Triton kernels for DiJiang attention on the GPU.
 
-The math is the one in dijiang.py (see SPEC): phi(x) = softmax(x @ P) over the feature dim, and
+The math is the one in dijiang.py: phi(x) = softmax(x @ P) over the feature dim, and
     o[b,n,h] = sum_{m<=n} gamma_h^(n-m) (phi(q_n) . phi(k_m)) v_m        (no normalizer)
 with the fp32 recurrent state S_n = gamma S_{n-1} + phi(k_n)^T v_n, o_n = phi(q_n) S_n.
 
@@ -24,10 +24,7 @@ block's reverse-state contribution, the same scan runs backwards, and _dkdv_kern
 backwards from the reverse state.
 """
 
-import math
 import os
-import sys
-import time
 from typing import Optional
 
 import torch
@@ -40,12 +37,12 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MMA_DTYPE = tl.constexpr(tl.float32 if INTERPRET else tl.bfloat16)
 LOG2E = tl.constexpr(1.4426950408889634)
 
-# Launch settings, module-level so that the benchmark can override them.
+# Launch settings. Up to head_dim 64, 4 warps in both directions suit an H100 best. Wider heads
+# (padded to 128) take no load pipelining, since Triton's default stages overflow the H100's shared
+# memory there, and 8 warps in the backward.
 NUM_WARPS_FWD = 4
-NUM_WARPS_BWD = 4  # 8 warps measured 10-15% slower at head_dim 64 on an H100
+NUM_WARPS_BWD = 4
 MIN_PROGRAMS = 1024  # keep at least this many block programs (about 8 per SM on an H100)
-# head_dim > 64 (padded to 128): Triton's default load pipelining overflows the H100's shared memory,
-# so loads are not pipelined there, and the backward keeps the 8 warps that its tests ran with.
 NUM_STAGES_WIDE = 1
 NUM_WARPS_BWD_WIDE = 8
 
@@ -97,6 +94,42 @@ def _decay_powers(exponent, valid, log2_gamma):
 def _tile_ptrs(base, b, h, t, s_b, s_t, s_h, BLOCK_D: tl.constexpr):
     """Pointers to rows t of head h, batch b, of a (B, T, H, D) tensor with last dim contiguous."""
     return base + b.to(tl.int64) * s_b + h * s_h + t.to(tl.int64)[:, None] * s_t + tl.arange(0, BLOCK_D)[None, :]
+
+
+@triton.jit
+def _block_setup(decay, proj, T, H, D, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, NSUB: tl.constexpr):
+    """What every program of a chunk-walking kernel starts from: its block j and (b, h), the decay
+    and P, and the decay masks, which are the same for every chunk."""
+    j, bh = tl.program_id(0), tl.program_id(1)
+    log2_gamma = tl.log2(tl.load(decay + bh % H))
+    p_hi, p_lo = _load_proj(proj, D, BLOCK_D)
+    rows = tl.arange(0, BLOCK_T)
+    # gamma^(t-t') for t >= t' inside a chunk, and gamma^(t+1) from the state before the chunk
+    causal_decay = _decay_powers(rows[:, None] - rows[None, :], rows[:, None] >= rows[None, :], log2_gamma)
+    q_decay = _decay_powers(rows + 1, rows >= 0, log2_gamma)
+    block_start = j * BLOCK_T * NSUB
+    block_len = tl.minimum(BLOCK_T * NSUB, T - block_start)
+    return j, bh, log2_gamma, p_hi, p_lo, rows, causal_decay, q_decay, block_start, block_len
+
+
+@triton.jit
+def _load_chunk(q, k, v, b, h, t, s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh,
+                p_hi, p_lo, T, D, BLOCK_D: tl.constexpr, SPLIT_X: tl.constexpr):
+    """Rows t of q, k, v for (b, h): phi(q), phi(k) in fp32, v in the MMA dtype, and the tile mask."""
+    mask = (t < T)[:, None] & (tl.arange(0, BLOCK_D) < D)[None, :]
+    qx = tl.load(_tile_ptrs(q, b, h, t, s_qb, s_qt, s_qh, BLOCK_D), mask=mask, other=0.0)
+    kx = tl.load(_tile_ptrs(k, b, h, t, s_kb, s_kt, s_kh, BLOCK_D), mask=mask, other=0.0)
+    vx = tl.load(_tile_ptrs(v, b, h, t, s_vb, s_vt, s_vh, BLOCK_D), mask=mask, other=0.0).to(MMA_DTYPE)
+    phi_q = _feature_map(qx, p_hi, p_lo, D, BLOCK_D, SPLIT_X)
+    phi_k = _feature_map(kx, p_hi, p_lo, D, BLOCK_D, SPLIT_X)
+    return mask, phi_q, phi_k, vx
+
+
+@triton.jit
+def _advance_state(state, phi_k, vx, chunk_len, rows, log2_gamma):
+    """The state after a chunk of chunk_len tokens: gamma^len S + sum_t gamma^(len-1-t) phi_k[t]^T v_t."""
+    k_decay = _decay_powers(chunk_len - 1 - rows, rows < chunk_len, log2_gamma)
+    return state * tl.exp2(chunk_len * log2_gamma) + tl.dot(tl.trans((phi_k * k_decay[:, None]).to(MMA_DTYPE)), vx)
 
 
 # -----------------------------------------------------------------------------
@@ -202,37 +235,19 @@ def _output_kernel(q, k, v, o, proj, decay, states, init,
                    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, NSUB: tl.constexpr,
                    SPLIT_X: tl.constexpr, HAS_INIT: tl.constexpr):
     """o for the chunks of block j, from the state at the end of block j-1."""
-    j, bh = tl.program_id(0), tl.program_id(1)
+    j, bh, log2_gamma, p_hi, p_lo, rows, causal_decay, q_decay, block_start, block_len = _block_setup(
+        decay, proj, T, H, D, BLOCK_T, BLOCK_D, NSUB)
     b, h = bh // H, bh % H
-    log2_gamma = tl.log2(tl.load(decay + h))
-    p_hi, p_lo = _load_proj(proj, D, BLOCK_D)
-    offs_d = tl.arange(0, BLOCK_D)
-    rows = tl.arange(0, BLOCK_T)
-    # gamma^(t-t') for t >= t' inside a chunk, and gamma^(t+1) from the state before the chunk.
-    causal_decay = _decay_powers(rows[:, None] - rows[None, :], rows[:, None] >= rows[None, :], log2_gamma)
-    q_decay = _decay_powers(rows + 1, rows >= 0, log2_gamma)
-    block_start = j * BLOCK_T * NSUB
-    block_len = tl.minimum(BLOCK_T * NSUB, T - block_start)
-
     state = _load_state(states, init, bh, j - 1, NB, D, BLOCK_D, HAS_INIT)  # (D, D) fp32
     for c in range(tl.cdiv(block_len, BLOCK_T)):
         t = block_start + c * BLOCK_T + rows
-        chunk_len = tl.minimum(BLOCK_T, T - block_start - c * BLOCK_T)
-        mask = (t < T)[:, None] & (offs_d < D)[None, :]
-        qx = tl.load(_tile_ptrs(q, b, h, t, s_qb, s_qt, s_qh, BLOCK_D), mask=mask, other=0.0)
-        kx = tl.load(_tile_ptrs(k, b, h, t, s_kb, s_kt, s_kh, BLOCK_D), mask=mask, other=0.0)
-        vx = tl.load(_tile_ptrs(v, b, h, t, s_vb, s_vt, s_vh, BLOCK_D), mask=mask, other=0.0).to(MMA_DTYPE)
-        phi_q = _feature_map(qx, p_hi, p_lo, D, BLOCK_D, SPLIT_X)
-        phi_k = _feature_map(kx, p_hi, p_lo, D, BLOCK_D, SPLIT_X)
-
+        mask, phi_q, phi_k, vx = _load_chunk(q, k, v, b, h, t, s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh,
+                                             p_hi, p_lo, T, D, BLOCK_D, SPLIT_X)
         scores = tl.dot(phi_q.to(MMA_DTYPE), tl.trans(phi_k.to(MMA_DTYPE))) * causal_decay  # (C, C)
         out = tl.dot(scores.to(MMA_DTYPE), vx)
         out = tl.dot((phi_q * q_decay[:, None]).to(MMA_DTYPE), state.to(MMA_DTYPE), out)
         tl.store(_tile_ptrs(o, b, h, t, s_ob, s_ot, s_oh, BLOCK_D), out.to(o.dtype.element_ty), mask=mask)
-
-        k_decay = _decay_powers(chunk_len - 1 - rows, rows < chunk_len, log2_gamma)
-        state = state * tl.exp2(chunk_len * log2_gamma) + tl.dot(
-            tl.trans((phi_k * k_decay[:, None]).to(MMA_DTYPE)), vx)
+        state = _advance_state(state, phi_k, vx, tl.minimum(BLOCK_T, T - block_start - c * BLOCK_T), rows, log2_gamma)
 
 
 # -----------------------------------------------------------------------------
@@ -246,29 +261,16 @@ def _dq_kernel(q, k, v, do, dq, proj, decay, states, init, rev_states,
                SPLIT_X: tl.constexpr, HAS_INIT: tl.constexpr):
     """dq for block j (walking its chunks forward with the state S), and the block's own
     reverse-state contribution rev_states[bh, j] = sum_u gamma^(u+1) phi(q_u)^T do_u."""
-    j, bh = tl.program_id(0), tl.program_id(1)
+    j, bh, log2_gamma, p_hi, p_lo, rows, causal_decay, q_decay, block_start, block_len = _block_setup(
+        decay, proj, T, H, D, BLOCK_T, BLOCK_D, NSUB)
     b, h = bh // H, bh % H
-    log2_gamma = tl.log2(tl.load(decay + h))
-    p_hi, p_lo = _load_proj(proj, D, BLOCK_D)
-    offs_d = tl.arange(0, BLOCK_D)
-    rows = tl.arange(0, BLOCK_T)
-    causal_decay = _decay_powers(rows[:, None] - rows[None, :], rows[:, None] >= rows[None, :], log2_gamma)
-    q_decay = _decay_powers(rows + 1, rows >= 0, log2_gamma)
-    block_start = j * BLOCK_T * NSUB
-    block_len = tl.minimum(BLOCK_T * NSUB, T - block_start)
-
     state = _load_state(states, init, bh, j - 1, NB, D, BLOCK_D, HAS_INIT)
     rev_state = tl.zeros((BLOCK_D, BLOCK_D), tl.float32)
     for c in range(tl.cdiv(block_len, BLOCK_T)):
         t = block_start + c * BLOCK_T + rows
-        chunk_len = tl.minimum(BLOCK_T, T - block_start - c * BLOCK_T)
-        mask = (t < T)[:, None] & (offs_d < D)[None, :]
-        qx = tl.load(_tile_ptrs(q, b, h, t, s_qb, s_qt, s_qh, BLOCK_D), mask=mask, other=0.0)
-        kx = tl.load(_tile_ptrs(k, b, h, t, s_kb, s_kt, s_kh, BLOCK_D), mask=mask, other=0.0)
-        vx = tl.load(_tile_ptrs(v, b, h, t, s_vb, s_vt, s_vh, BLOCK_D), mask=mask, other=0.0).to(MMA_DTYPE)
+        mask, phi_q, phi_k, vx = _load_chunk(q, k, v, b, h, t, s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh,
+                                             p_hi, p_lo, T, D, BLOCK_D, SPLIT_X)
         dox = tl.load(_tile_ptrs(do, b, h, t, s_db, s_dt, s_dh, BLOCK_D), mask=mask, other=0.0).to(MMA_DTYPE)
-        phi_q = _feature_map(qx, p_hi, p_lo, D, BLOCK_D, SPLIT_X)
-        phi_k = _feature_map(kx, p_hi, p_lo, D, BLOCK_D, SPLIT_X)
 
         # dphi_q[t] = sum_{t'<=t} gamma^(t-t') (do_t . v_t') phi_k[t'] + gamma^(t+1) do_t S^T
         dscores = tl.dot(dox, tl.trans(vx)) * causal_decay
@@ -277,12 +279,11 @@ def _dq_kernel(q, k, v, do, dq, proj, decay, states, init, rev_states,
         dqx = _feature_map_backward(phi_q, dphi_q, p_hi)
         tl.store(_tile_ptrs(dq, b, h, t, s_ob, s_ot, s_oh, BLOCK_D), dqx.to(dq.dtype.element_ty), mask=mask)
 
-        k_decay = _decay_powers(chunk_len - 1 - rows, rows < chunk_len, log2_gamma)
-        state = state * tl.exp2(chunk_len * log2_gamma) + tl.dot(
-            tl.trans((phi_k * k_decay[:, None]).to(MMA_DTYPE)), vx)
+        state = _advance_state(state, phi_k, vx, tl.minimum(BLOCK_T, T - block_start - c * BLOCK_T), rows, log2_gamma)
         u = c * BLOCK_T + rows  # position inside the block; rows past T have do = 0
         rev_decay = _decay_powers(u + 1, u < block_len, log2_gamma)
         rev_state = tl.dot(tl.trans((phi_q * rev_decay[:, None]).to(MMA_DTYPE)), dox, rev_state)
+    offs_d = tl.arange(0, BLOCK_D)
     tile = offs_d[:, None] * BLOCK_D + offs_d[None, :]
     tl.store(rev_states + (bh * NB + j).to(tl.int64) * BLOCK_D * BLOCK_D + tile, rev_state)
 
@@ -296,16 +297,9 @@ def _dkdv_kernel(q, k, v, do, dk, dv, proj, decay, rev_states, d_final,
     """dk, dv for block j, walking its chunks backwards with the reverse state R: the gradient
     reaching the state after a chunk, already decayed by one step, so that token t of a chunk of
     length len receives gamma^(len-1-t) R."""
-    j, bh = tl.program_id(0), tl.program_id(1)
+    j, bh, log2_gamma, p_hi, p_lo, rows, causal_decay, q_decay, block_start, block_len = _block_setup(
+        decay, proj, T, H, D, BLOCK_T, BLOCK_D, NSUB)
     b, h = bh // H, bh % H
-    log2_gamma = tl.log2(tl.load(decay + h))
-    p_hi, p_lo = _load_proj(proj, D, BLOCK_D)
-    offs_d = tl.arange(0, BLOCK_D)
-    rows = tl.arange(0, BLOCK_T)
-    causal_decay = _decay_powers(rows[:, None] - rows[None, :], rows[:, None] >= rows[None, :], log2_gamma)
-    q_decay = _decay_powers(rows + 1, rows >= 0, log2_gamma)
-    block_start = j * BLOCK_T * NSUB
-    block_len = tl.minimum(BLOCK_T * NSUB, T - block_start)
     n_chunks = tl.cdiv(block_len, BLOCK_T)
 
     rev_state = _load_state(rev_states, d_final, bh, j + 1, NB, D, BLOCK_D, HAS_D_FINAL)
@@ -313,13 +307,10 @@ def _dkdv_kernel(q, k, v, do, dk, dv, proj, decay, rev_states, d_final,
         c = n_chunks - 1 - i
         t = block_start + c * BLOCK_T + rows
         chunk_len = tl.minimum(BLOCK_T, T - block_start - c * BLOCK_T)
-        mask = (t < T)[:, None] & (offs_d < D)[None, :]
-        qx = tl.load(_tile_ptrs(q, b, h, t, s_qb, s_qt, s_qh, BLOCK_D), mask=mask, other=0.0)
-        kx = tl.load(_tile_ptrs(k, b, h, t, s_kb, s_kt, s_kh, BLOCK_D), mask=mask, other=0.0)
-        vx = tl.load(_tile_ptrs(v, b, h, t, s_vb, s_vt, s_vh, BLOCK_D), mask=mask, other=0.0).to(MMA_DTYPE)
+        mask, phi_q, phi_k, vx = _load_chunk(q, k, v, b, h, t, s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh,
+                                             p_hi, p_lo, T, D, BLOCK_D, SPLIT_X)
+        phi_q = phi_q.to(MMA_DTYPE)
         dox = tl.load(_tile_ptrs(do, b, h, t, s_db, s_dt, s_dh, BLOCK_D), mask=mask, other=0.0).to(MMA_DTYPE)
-        phi_q = _feature_map(qx, p_hi, p_lo, D, BLOCK_D, SPLIT_X).to(MMA_DTYPE)
-        phi_k = _feature_map(kx, p_hi, p_lo, D, BLOCK_D, SPLIT_X)
         k_decay = _decay_powers(chunk_len - 1 - rows, rows < chunk_len, log2_gamma)
         rev = rev_state.to(MMA_DTYPE)
 
@@ -600,77 +591,3 @@ def recurrent_step(q, k, v, proj, decay, state):
     _check_state(state, B, H, D, "state")
     o = _recurrent_step_op(q3, k3, v3, proj, decay, state)
     return o[:, None] if squeeze else o
-
-
-# -----------------------------------------------------------------------------
-# Benchmark
-
-def bench_attention(seq_lens=(1024, 2048, 4096, 8192, 16384, 32768), tokens=32768, n_head=16, head_dim=64,
-                    dtype=torch.bfloat16, with_sdpa=True):
-    """Median milliseconds (triton.testing.do_bench) of chunk_attention's forward (under no_grad)
-    and forward+backward, for tokens // N sequences of N tokens, feature map included; with causal
-    SDPA on the same q, k, v for comparison. Returns one dict per N."""
-    from triton.testing import do_bench
-    rows = []
-    for n in seq_lens:
-        batch = max(1, tokens // n)
-        q, k, v, do = (torch.randn(batch, n, n_head, head_dim, device="cuda", dtype=dtype) for _ in range(4))
-        q, k, v = (x.requires_grad_() for x in (q, k, v))
-        ortho, _ = torch.linalg.qr(torch.randn(head_dim, head_dim, device="cuda"))
-        proj = (ortho * torch.randn(head_dim, device="cuda")).contiguous()
-        decay = 1 - torch.exp(torch.linspace(math.log(1 / 32), math.log(1 / 512), n_head, device="cuda"))
-
-        def forward():
-            with torch.no_grad():
-                chunk_attention(q, k, v, proj, decay)
-
-        def forward_backward():
-            o, _ = chunk_attention(q, k, v, proj, decay)
-            torch.autograd.grad(o, (q, k, v), do)
-
-        row = dict(N=n, B=batch, fwd_ms=do_bench(forward, return_mode="median"),
-                   fwd_bwd_ms=do_bench(forward_backward, return_mode="median"))
-        if with_sdpa:
-            # SDPA wants (B, H, T, D); transposed views keep the memory layout of the model.
-            qt, kt, vt, dot = (x.transpose(1, 2) for x in (q, k, v, do))
-
-            def sdpa_forward():
-                with torch.no_grad():
-                    torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
-
-            def sdpa_forward_backward():
-                o = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
-                torch.autograd.grad(o, (q, k, v), dot)
-
-            row.update(sdpa_fwd_ms=do_bench(sdpa_forward, return_mode="median"),
-                       sdpa_fwd_bwd_ms=do_bench(sdpa_forward_backward, return_mode="median"))
-        rows.append(row)
-        del q, k, v, do
-    return rows
-
-
-if __name__ == "__main__":
-    # python dijiang_triton.py [--tokens=32768] [--n_head=16] [--head_dim=64] [--seq_lens=1024,8192]
-    #   [--num_warps_fwd=4] [--num_warps_bwd=4] [--min_programs=1024] [--num_stages_wide=1] [--sdpa=1]
-    settings = dict(tokens=32768, n_head=16, head_dim=64, seq_lens="1024,2048,4096,8192,16384,32768",
-                    num_warps_fwd=NUM_WARPS_FWD, num_warps_bwd=NUM_WARPS_BWD, min_programs=MIN_PROGRAMS,
-                    num_stages_wide=NUM_STAGES_WIDE, sdpa=1)
-    for arg in sys.argv[1:]:
-        name, _, value = arg.removeprefix("--").partition("=")
-        if name == "help" or name not in settings or not value:
-            raise SystemExit("usage: python dijiang_triton.py " + " ".join(f"--{k}={v}" for k, v in settings.items()))
-        settings[name] = type(settings[name])(value)
-    if not torch.cuda.is_available():
-        raise SystemExit("error: the benchmark needs a CUDA GPU")
-    NUM_WARPS_FWD, NUM_WARPS_BWD = settings["num_warps_fwd"], settings["num_warps_bwd"]
-    MIN_PROGRAMS, NUM_STAGES_WIDE = settings["min_programs"], settings["num_stages_wide"]
-    started = time.time()
-    rows = bench_attention(tuple(int(n) for n in settings["seq_lens"].split(",")), settings["tokens"],
-                           settings["n_head"], settings["head_dim"], with_sdpa=bool(settings["sdpa"]))
-    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
-          f"{settings}, {time.time() - started:.0f} s")
-    print("| N | B | DiJiang fwd ms | DiJiang fwd+bwd ms | SDPA fwd ms | SDPA fwd+bwd ms |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['N']} | {r['B']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | "
-              f"{r.get('sdpa_fwd_ms', float('nan')):.3f} | {r.get('sdpa_fwd_bwd_ms', float('nan')):.3f} |")

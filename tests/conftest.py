@@ -1,0 +1,39 @@
+"""What the tests share: the DiJiang formula in float64, the error measure, and the repo's paths.
+
+Tolerances throughout are relative errors ||x - ref|| / ||ref||: fp32 against float64 lands near
+1e-7 over a few thousand terms (tests allow 1e-5); bf16 inputs and bf16 matrix products, 1e-2.
+"""
+import os
+import sys
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # the repo's modules (dijiang, train, ...) import as top-level names
+PYTHIA_TOKENIZER = os.path.join(REPO, 'data', 'pythia-tokenizer.json')
+
+
+def rel_err(x, ref):
+    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def reference_attention(q, k, v, proj, decay, initial_state=None):
+    """The formula, written out in float64 with no chunks, no recurrence and no shared helpers:
+    o_n = sum_{m <= n} gamma^(n-m) (phi(q_n) . phi(k_m)) v_m + gamma^(n+1) phi(q_n) S_0, phi(x) = softmax(x @ P),
+    and the state after the last token, sum_m gamma^(T-1-m) phi(k_m)^T v_m + gamma^T S_0.
+    q, k, v (B, T, H, D), proj (D, D), decay (H,), initial_state S_0 (B, H, D, D) or None."""
+    q, k, v, proj, gamma = (x.double() for x in (q, k, v, proj, decay))
+    phi_q, phi_k = torch.softmax(q @ proj, -1), torch.softmax(k @ proj, -1)
+    T = q.shape[1]
+    n = torch.arange(T, device=q.device)
+    distance = n[:, None] - n[None, :]
+    weights = torch.where(distance >= 0, gamma[:, None, None] ** distance.clamp(min=0), 0.0)  # (H, T, T)
+    o = torch.einsum('bhnm,bmhe->bnhe', torch.einsum('bnhd,bmhd->bhnm', phi_q, phi_k) * weights, v)
+    to_end = (gamma[None, :] ** (T - 1 - n)[:, None])[None, :, :, None]  # (1, T, H, 1)
+    final = torch.einsum('bmhd,bmhe->bhde', phi_k * to_end, v)
+    if initial_state is not None:
+        s0 = initial_state.double()
+        from_start = (gamma[None, :] ** (n + 1)[:, None])[None, :, :, None]
+        o = o + torch.einsum('bnhd,bhde->bnhe', phi_q * from_start, s0)
+        final = final + gamma[None, :, None, None] ** T * s0
+    return o, final
