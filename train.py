@@ -72,6 +72,8 @@ peak_flops = 989e12  # per device, for MFU: H100 SXM dense bf16
 # system
 device = 'auto'  # 'auto' (cuda when available, else cpu), 'cpu' or 'cuda'; under torchrun, cuda:LOCAL_RANK
 dtype = 'auto'  # 'auto' (bfloat16 autocast on CUDA, float32 on CPU), 'bfloat16' or 'float32'
+cpu_threads = 1  # torch threads per process on the CPU; 0 keeps torch's default. Small models run fastest
+                 # on one: more threads mostly spin against each other (and against other processes)
 compile = False  # torch.compile the model
 seed = 1337
 # -----------------------------------------------------------------------------
@@ -115,6 +117,8 @@ if device == 'cuda':
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
 if device_type == 'cuda':
     torch.cuda.set_device(device)
+elif cpu_threads > 0:
+    torch.set_num_threads(cpu_threads)
 if dtype == 'auto':
     dtype = 'bfloat16' if device_type == 'cuda' and torch.cuda.is_bf16_supported() else 'float32'
 if dtype not in ('bfloat16', 'float32'):
