@@ -1,5 +1,6 @@
 """data/prepare.py: Pile-format input to token shards, and the reader train.py uses."""
 import glob
+import hashlib
 import json
 import os
 import sys
@@ -40,7 +41,7 @@ def expected_tokens(docs, encode, eot, val_every):
 
 def read_split(out_dir, split):
     tokens = []
-    for path in sorted(glob.glob(os.path.join(out_dir, f'{split}_*.bin'))):
+    for path in sorted(glob.glob(os.path.join(out_dir, f'{split}_[0-9]*.bin'))):
         shard = np.fromfile(path, dtype=np.uint16, offset=shards.HEADER_BYTES)
         assert shards.read_header(path)['num_tokens'] == len(shard)
         tokens += shard.tolist()
@@ -186,7 +187,8 @@ def test_default_corpus_is_labelled_pile_format(tmp_path):
     path = str(tmp_path / 'stdlib.jsonl')
     documents = prep.build_default_corpus(path, max_bytes=600_000)
     lines = [json.loads(line) for line in open(path, encoding='utf-8')]
-    assert len(lines) == documents > 79  # all pydoc topics (79 in 3.11, about 465 KB), then stdlib modules
+    assert len(lines) == len(documents) > 79  # all pydoc topics (79 in 3.11, about 465 KB), then stdlib modules
+    assert documents == [(d['meta']['source'], len(d['text'].encode('utf-8'))) for d in lines]
     assert 600_000 <= sum(len(d['text']) for d in lines) < 900_000
     sources = [d['meta']['source'] for d in lines]
     assert any(s.startswith('pydoc_data.topics') for s in sources) and any(s.startswith('Lib/') for s in sources)
@@ -208,3 +210,124 @@ def test_settings_parser():
         parse_settings(['--shard_tokens=many'], settings, '')
     help_text = prep.settings_help(prep.__file__)
     assert 'shard_tokens = 100_000_000' in help_text and 'val_every = 50' in help_text
+
+
+# -----------------------------------------------------------------------------
+# The packages corpus, built from a fake installation in tmp_path
+
+
+def source(name, size):
+    """A distinct .py text of exactly size bytes."""
+    text = f"# {name}\n"
+    return (text + 'x = 1\n' * size)[:size].encode()
+
+
+def make_installation(base):
+    """Two roots: 'site' with packages alpha (6 KB), beta (8.5 KB) and gamma (3.35 KB), 'lib' with modules.
+    Returns {root-relative name 'root/path': bytes} of every file written."""
+    files = {f'site/alpha/m{i}.py': source(f'alpha {i}', 250) for i in range(24)}
+    files.update({f'site/beta/b{i}.py': source(f'beta {i}', 250) for i in range(32)})
+    files.update({f'site/gamma/g{i}.py': source(f'gamma {i}', 250) for i in range(12)})
+    files.update({f'site/{package}/__init__.py': b'' for package in ('alpha', 'beta', 'gamma')})  # 2 duplicates
+    files.update({f'lib/mod{i}.py': source(f'lib {i}', 300) for i in range(10)})
+    files.update({
+        'site/gamma/sub/deep.py': source('gamma deep', 100),
+        'site/beta/copy.py': files['site/alpha/m3.py'],  # a duplicate
+        'site/beta/shared.py': files['site/gamma/g0.py'],  # a duplicate of a held-out file: left out of train
+        'site/gamma/again.py': files['site/gamma/g1.py'],  # a duplicate inside the held-out package
+        'site/beta/latin1.py': '# café\n'.encode('latin-1'),  # not UTF-8: left out
+        'site/beta/tokens.py': b"EOT = '<|endoftext|>'\n",  # would be a document boundary: left out
+        'site/top.py': source('top', 80),  # a module, not a package
+        'site/alpha/tests/test_m.py': source('alpha test', 50),  # tests: left out
+        'site/alpha/__pycache__/m0.py': source('cache', 50),  # left out
+        'site/NOTES.txt': b'not python',
+        'lib/email_like/__init__.py': source('email', 200),
+        'lib/site-packages/alpha/m0.py': source('nested site-packages', 90),  # read from its own root only
+    })
+    for name, data in files.items():
+        path = base / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    (base / 'site' / 'alpha' / 'broken.py').symlink_to(base / 'nowhere.py')  # a broken link: left out
+    return files
+
+
+def test_packages_corpus_splits(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the corpus is written to data/packages/, here
+    monkeypatch.setattr(prep, 'BATCH_BYTES', 500)  # many small batches over 2 worker processes
+    files = make_installation(tmp_path / 'installed')
+    roots = dict(site=str(tmp_path / 'installed' / 'site'), lib=str(tmp_path / 'installed' / 'lib'))
+    skipped = ('tests/', '__pycache__/', 'site-packages/', 'latin1.py', 'tokens.py', '.txt')
+    eligible = {name: data for name, data in files.items() if not any(s in name for s in skipped)}
+    digest = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+    outside_gamma = sum(len(data) for name, data in eligible.items() if not name.startswith('site/gamma/'))
+
+    for corpus_mb, ood_mb in [(1.0, 1.0), (outside_gamma / 2e6, 0.002)]:  # everything; then both caps biting
+        out_dir = prep.prepare(corpus='packages', corpus_mb=corpus_mb, ood_package='gamma', ood_mb=ood_mb,
+                               roots=roots, out_dir=str(tmp_path / 'out'), val_every=5, num_workers=2)
+        summary = json.load(open(os.path.join(out_dir, 'prepare.json')))
+        assert summary['corpus'] == 'packages' and summary['held_out_package'] == 'gamma'
+        assert summary['roots'] == roots
+        assert summary['left_out'] == dict(duplicates=5, not_utf8=1, eot_text=1)  # every file is read, so any cap
+        split_files = {split: summary[split]['files'] for split in ('train', 'val', 'val_ood')}
+        written = [name for names in split_files.values() for name in names]
+
+        # each file and each text at most once, in one split; the held-out package in val_ood only
+        assert len(written) == len(set(written)) and set(written) <= set(eligible)
+        assert len({digest[name] for name in written}) == len(written)
+        assert all(name.startswith('site/gamma/') for name in split_files['val_ood'])
+        assert not any(name.startswith('site/gamma/') for name in split_files['train'] + split_files['val'])
+        gamma_texts = {digest[name] for name in files if name.startswith('site/gamma/')}
+        assert not gamma_texts & {digest[name] for name in split_files['train'] + split_files['val']}
+        assert 'site/beta/shared.py' not in written  # a copy of a held-out text, even one past ood_mb
+
+        # the caps
+        assert summary['train']['bytes'] + summary['val']['bytes'] <= corpus_mb * 1e6
+        assert summary['val_ood']['bytes'] <= ood_mb * 1e6
+        if corpus_mb == 1.0:  # room for everything: every distinct text is in, each duplicate counted once
+            assert {digest[name] for name in written} == {digest[name] for name in eligible}
+            assert len(eligible) - len(written) == summary['left_out']['duplicates']
+            assert {name for name in eligible if name.startswith('site/gamma/')} - set(split_files['val_ood']) <= \
+                {'site/gamma/g1.py', 'site/gamma/again.py'}
+        else:
+            assert summary['train']['bytes'] + summary['val']['bytes'] > corpus_mb * 1e6 - 300  # filled
+            assert 0 < summary['val_ood']['bytes'] and len(split_files['val_ood']) < 12
+
+        # the document order: the JSON lines as written, every val_every-th one in val
+        order = [f"{d['meta']['root']}/{d['meta']['path']}" for d in map(json.loads, open('data/packages/packages.jsonl'))]
+        assert split_files['val'] == order[::5] and split_files['train'] == [n for i, n in enumerate(order) if i % 5]
+        assert len(order) > 30 and order != sorted(order)  # shuffled
+
+        # the shards hold exactly those files, in that order, each then <|endoftext|>
+        for split, names in split_files.items():
+            expected = [token for name in names for token in list(eligible[name]) + [256]]
+            assert read_split(out_dir, split) == expected
+            assert summary[split]['tokens'] == summary[split]['bytes'] + len(names) == len(expected)
+        assert shards.Shards(out_dir, 'val', 4).num_tokens == summary['val']['tokens']  # val_ood shards are not val's
+        assert shards.Shards(out_dir, 'val_ood', 4).num_tokens == summary['val_ood']['tokens']
+
+
+def test_held_out_package_choice(tmp_path):
+    make_installation(tmp_path)
+    roots = dict(site=str(tmp_path / 'site'), lib=str(tmp_path / 'lib'))
+
+    def held_out(wanted, ood_mb):
+        corpus = tmp_path / 'corpus'
+        built = prep.build_packages_corpus(str(corpus / 'main.jsonl'), str(corpus / 'ood.jsonl'), 10 ** 6, wanted,
+                                           int(ood_mb * 1e6), roots)
+        return built['held_out_package']
+
+    assert held_out('gamma', 0.001) == 'gamma'  # installed: held out even when bigger than ood_mb
+    assert held_out('missing', 0.007) == 'alpha'  # the largest that fits whole (6 KB; beta is 8.5 KB)
+    assert held_out('missing', 0.0001) == 'beta'  # none fits: the largest
+    assert held_out('top', 0.007) == 'alpha'  # a module at the top is not a package
+
+
+def test_corpus_setting_is_checked(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="corpus='pile' is not a built-in corpus: use one of stdlib, packages"):
+        prep.prepare(corpus='pile', out_dir=str(tmp_path / 'out'))
+    with pytest.raises(ValueError, match='cannot be negative'):
+        prep.prepare(corpus='packages', corpus_mb=-1.0, out_dir=str(tmp_path / 'out'))
+    with pytest.raises(ValueError, match='no package folders with .py files'):
+        prep.prepare(corpus='packages', roots=dict(empty=str(tmp_path)), out_dir=str(tmp_path / 'out'))
