@@ -3,8 +3,8 @@ The speed comparison the paper makes, done properly: softmax attention (PyTorch 
 GPU) against DiJiang at the same model size, with random weights.
 
     python bench.py                                           # every section, pythia-410m shape, on the GPU
-    python bench.py --sections=attention --lengths=1024,8192,32768
-    python bench.py --sections=decode --model=pythia-1b --out=bench-1b.json --plot=bench-1b.png
+    python bench.py --sections=attention --lengths=1024,8192,32768  # the Triton kernel against SDPA
+    python bench.py --sections=decode --model=pythia-1b --out=out-bench/1b.json --plot=out-bench/1b.png
     python bench.py --sections=decode --compile=True --profile=True  # and where a decoding step's time goes
     python bench.py --device=cpu                              # a small smoke run of every section
     python bench.py --help                                    # every setting and its default
@@ -14,8 +14,10 @@ so a long benchmark can be split into several commands):
   attention  The attention op alone, forward and forward+backward, on (B, N, H, D) inputs with B * N =
              tokens_per_batch and H, D from the model:
                sdpa           causal F.scaled_dot_product_attention, as the softmax model calls it
-               dijiang        DiJiangAttention.attend: the model's own dispatch (Triton on CUDA when
-                              available), feature map included
+               kernel         the fused Triton op alone, fast.triton_attention.chunk_attention(q, k, v,
+                              proj, decay), feature map included (CUDA with Triton only)
+               dijiang        DiJiangAttention.attend: the model's own dispatch (that kernel on CUDA
+                              when available, also returning the final state), feature map included
                dijiang_torch  the same with kernel='torch': the pure-PyTorch chunk form (CUDA only; on
                               the CPU it is what 'dijiang' runs)
                released       the released code's quadratic form (phi(Q) D1)(phi(K) D2)^T with
@@ -33,7 +35,9 @@ Softmax models are built with block_size raised to the longest context measured,
 Pythia's 2048 (noted in the JSON). Each number is the median of repeats after a warmup, timed with CUDA
 events on the GPU and perf_counter on the CPU. A measurement that runs out of memory is recorded as
 'OOM', one whose output is not finite as 'nan', and any other failure as 'error: ...'; the rest goes
-on. Results: a table on stdout, JSON in --out, and a plot in --plot when matplotlib is installed.
+on. Results: a table on stdout, JSON in --out (out-bench/bench.json), and tokens/s against length in
+--plot (out-bench/bench.png), one panel per section in the JSON, when matplotlib is installed. A bad
+setting stops the run with one line, 'error: ...', before anything is measured.
 """
 
 import gc
@@ -45,6 +49,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +58,11 @@ from atomic import atomic_write, atomic_write_text
 from configurator import parse_settings, settings_help
 from dijiang import CONFIGS, GPT, Cache, DiJiangAttention, GPTConfig, feature_map
 from fast.cuda_graph_decode import CUDAGraphDecoder
+
+try:  # the 'kernel' row: Triton ships with PyTorch's CUDA builds, not with the CPU ones
+    from fast.triton_attention import chunk_attention
+except ImportError:
+    chunk_attention = None
 
 # -----------------------------------------------------------------------------
 # settings: each can be overridden as --name=value
@@ -73,8 +83,8 @@ warmup = 3  # untimed calls before timing
 repeats = 20  # timed calls; the median is reported
 max_seconds = 2.0  # a slow measurement stops after this many seconds of repeats (3 at least)
 device = 'auto'  # 'auto' (cuda when available, else cpu), 'cpu', 'cuda', 'cuda:1', ...
-out = 'bench.json'
-plot = 'bench.png'  # '' for none; drawn only if matplotlib is installed
+out = 'out-bench/bench.json'  # the results; its folder is created, and git ignores out*/
+plot = 'out-bench/bench.png'  # '' for none; drawn only if matplotlib is installed
 # -----------------------------------------------------------------------------
 SETTINGS = {name: value for name, value in globals().items()
             if not name.startswith('_') and isinstance(value, (bool, int, float, str))}
@@ -84,19 +94,84 @@ CPU_SMOKE = dict(model='tiny', vocab_size=512, lengths='64,128', tokens_per_batc
 SECTIONS = ('attention', 'prefill', 'decode', 'train')
 
 
-def synchronize():
-    if device.startswith('cuda'):
-        torch.cuda.synchronize(device)
+def build_settings(overrides):
+    """The run's settings, what every function below reads: the defaults above, the command line's
+    overrides and, on the CPU, CPU_SMOKE for what the command line leaves alone, checked, with the values
+    derived from them (cuda, torch_dtype, and the comma-separated settings as lists). A bad setting stops
+    here, with one line that names it, before anything is measured."""
+    s = {**SETTINGS, **overrides}
+    if s['device'] == 'auto':
+        s['device'] = 'cuda' if torch.cuda.is_available() else 'cpu'
+    check_device(s['device'])
+    if s['device'] == 'cpu':
+        s.update({name: value for name, value in CPU_SMOKE.items() if name not in overrides})
+    if s['model'] not in CONFIGS:
+        raise SystemExit(f"error: model={s['model']!r}: choose one of {', '.join(CONFIGS)}")
+    if s['dtype'] not in ('bfloat16', 'float16', 'float32'):
+        raise SystemExit(f"error: dtype={s['dtype']!r}: use 'bfloat16', 'float16' or 'float32'")
+    for name, least in (('tokens_per_batch', 1), ('train_tokens', 1), ('repeats', 1), ('warmup', 0), ('vocab_size', 0)):
+        if s[name] < least:
+            raise SystemExit(f"error: {name}={s[name]}: give {least} or more")
+    if not s['peak_flops'] > 0:
+        raise SystemExit(f"error: peak_flops={s['peak_flops']}: give the device's peak FLOP/s, "
+                         f"e.g. --peak_flops=989e12")
+    return SimpleNamespace(
+        **s, cuda=s['device'].startswith('cuda'), torch_dtype=getattr(torch, s['dtype']),
+        section_list=names('sections', s['sections'], SECTIONS),
+        model_list=names('models', s['models'], ('softmax', 'dijiang')),
+        length_list=positive_ints('lengths', s['lengths'], '1024,8192'),
+        decode_batch_list=positive_ints('decode_batches', s['decode_batches'], '1,64'),
+        train_block_list=positive_ints('train_blocks', s['train_blocks'], '2048,8192'))
 
 
-def median_ms(fn):
+def check_device(device):
+    if device == 'cpu':
+        return
+    if not device.startswith('cuda'):
+        raise SystemExit(f"error: device={device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    if not torch.cuda.is_available():
+        raise SystemExit(f"error: device={device!r} but torch sees no CUDA GPU: use --device=cpu for a smoke run")
+    try:
+        index = torch.device(device).index
+    except RuntimeError:  # not 'cuda:N'
+        index = -1
+    if index is not None and not 0 <= index < torch.cuda.device_count():
+        raise SystemExit(f"error: device={device!r}: torch sees {torch.cuda.device_count()} GPU(s): use 'cuda' or "
+                         f"'cuda:N' with N below that")
+
+
+def names(setting, text, choices):
+    """The comma-separated names of a setting, each one of choices, in order, once each."""
+    chosen = list(dict.fromkeys(name.strip() for name in text.split(',') if name.strip()))
+    if not chosen or set(chosen) - set(choices):
+        raise SystemExit(f"error: {setting}={text!r}: choose from {','.join(choices)}")
+    return chosen
+
+
+def positive_ints(setting, text, example):
+    try:
+        values = [int(n) for n in text.split(',')]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise SystemExit(f"error: {setting}={text!r}: give comma-separated positive integers, "
+                         f"e.g. --{setting}={example}")
+    return values
+
+
+def synchronize(settings):
+    if settings.cuda:
+        torch.cuda.synchronize(settings.device)
+
+
+def median_ms(settings, fn):
     """Milliseconds per call of fn: the median of up to `repeats` calls after `warmup` calls."""
-    for _ in range(warmup):
+    for _ in range(settings.warmup):
         fn()
-    synchronize()
-    times, deadline = [], time.perf_counter() + max_seconds
-    for i in range(repeats):
-        if device.startswith('cuda'):
+    synchronize(settings)
+    times, deadline = [], time.perf_counter() + settings.max_seconds
+    for i in range(settings.repeats):
+        if settings.cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn()
@@ -112,7 +187,7 @@ def median_ms(fn):
     return statistics.median(times)
 
 
-def attempt(measure):
+def attempt(settings, measure):
     """measure() or, if it fails, what to record instead. Memory is freed here, once the exception
     (whose traceback holds the tensors) is gone."""
     try:
@@ -123,13 +198,13 @@ def attempt(measure):
         result = 'OOM' if 'out of memory' in str(e) else f"error: {type(e).__name__}: {str(e)[:300]}"
     if isinstance(result, str):
         gc.collect()  # slow with torch loaded, so only after a failure, which may leave cycles
-    if device.startswith('cuda'):
+    if settings.cuda:
         torch.cuda.empty_cache()  # the next measurement may need one large block
     return result
 
 
-def peak_gib():
-    return torch.cuda.max_memory_allocated(device) / 2 ** 30
+def peak_gib(settings):
+    return torch.cuda.max_memory_allocated(settings.device) / 2 ** 30
 
 
 def is_number(x):
@@ -174,11 +249,15 @@ def fla_attention(q, k, v, proj, decay):
     return o
 
 
-def attention_ops(config):
-    dijiang = DiJiangAttention(config, layer_idx=0).to(device)
-    ops = {'sdpa': sdpa_attention, 'dijiang': lambda q, k, v: dijiang.attend(q, k, v, None)[0]}
-    if device.startswith('cuda'):
-        torch_form = DiJiangAttention(GPTConfig(**{**asdict(config), 'kernel': 'torch'}), layer_idx=0).to(device)
+def attention_ops(settings, config):
+    dijiang = DiJiangAttention(config, layer_idx=0).to(settings.device)
+    ops = {'sdpa': sdpa_attention}
+    if settings.cuda and chunk_attention is not None:  # the kernel without the model's dispatch and final state
+        ops['kernel'] = lambda q, k, v: chunk_attention(q, k, v, dijiang.feature_proj, dijiang.decay)[0]
+    ops['dijiang'] = lambda q, k, v: dijiang.attend(q, k, v, None)[0]
+    if settings.cuda:
+        torch_config = GPTConfig(**{**asdict(config), 'kernel': 'torch'})
+        torch_form = DiJiangAttention(torch_config, layer_idx=0).to(settings.device)
         ops['dijiang_torch'] = lambda q, k, v: torch_form.attend(q, k, v, None)[0]
     ops['released'] = lambda q, k, v: released_attention(q, k, v, dijiang.feature_proj, dijiang.decay)
     try:
@@ -189,30 +268,35 @@ def attention_ops(config):
     return ops
 
 
-def time_attention(op, B, N, H, D, backward):
+def time_attention(settings, op, B, N, H, D, backward):
     """(milliseconds per call, whether the output was finite)."""
-    q, k, v = (torch.randn(B, N, H, D, device=device, dtype=torch_dtype, requires_grad=backward) for _ in range(3))
+    q, k, v = (torch.randn(B, N, H, D, device=settings.device, dtype=settings.torch_dtype, requires_grad=backward)
+               for _ in range(3))
     with torch.no_grad():
         finite = bool(torch.isfinite(op(q, k, v)).all())
         if not backward:
-            return median_ms(lambda: op(q, k, v)), finite
+            return median_ms(settings, lambda: op(q, k, v)), finite
     grad_o = torch.randn_like(v)
-    return median_ms(lambda: torch.autograd.grad(op(q, k, v), (q, k, v), grad_o)), finite
+    return median_ms(settings, lambda: torch.autograd.grad(op(q, k, v), (q, k, v), grad_o)), finite
 
 
-def bench_attention(section):
-    config = GPTConfig.named(model)
+def bench_attention(settings, section):
+    """Yields the section's rows, one per op and length."""
+    config = GPTConfig.named(settings.model)
     H, D = config.n_head, config.head_size
-    section['notes'].append(f"{dtype}, H={H}, D={D}, B*N={tokens_per_batch}; fwd under no_grad, fwd_bwd = "
-                            f"forward + autograd.grad of q, k, v")
-    for name, op in attention_ops(config).items():
-        for N in length_list:
-            B = max(1, tokens_per_batch // N)
+    section['notes'].append(f"{settings.dtype}, H={H}, D={D}, B*N={settings.tokens_per_batch}; fwd under no_grad, "
+                            f"fwd_bwd = forward + autograd.grad of q, k, v")
+    ops = attention_ops(settings, config)
+    if settings.cuda and 'kernel' not in ops:
+        section['notes'].append("kernel needs Triton, which is not installed: not run")
+    for name, op in ops.items():
+        for N in settings.length_list:
+            B = max(1, settings.tokens_per_batch // N)
             row = dict(impl=name, N=N, B=B)
             for key, backward in (('fwd_ms', False), ('fwd_bwd_ms', True)):
-                if device.startswith('cuda'):
-                    torch.cuda.reset_peak_memory_stats(device)
-                result = attempt(lambda: time_attention(op, B, N, H, D, backward))
+                if settings.cuda:
+                    torch.cuda.reset_peak_memory_stats(settings.device)
+                result = attempt(settings, lambda: time_attention(settings, op, B, N, H, D, backward))
                 if isinstance(result, str):  # OOM or error
                     row[key] = result
                     continue
@@ -220,40 +304,41 @@ def bench_attention(section):
                 row[key] = ms if finite else 'nan'
                 if not finite:  # the time it took to compute garbage, shown beside the 'nan'
                     row[f'{key}_of_nan'] = ms
-                if device.startswith('cuda'):
-                    row[key.replace('_ms', '_peak_gib')] = peak_gib()
-            record(section, row)
+                if settings.cuda:
+                    row[key.replace('_ms', '_peak_gib')] = peak_gib(settings)
+            yield row
 
 # -----------------------------------------------------------------------------
 # 2-4. The whole model
 
 
-def build_model(attention, longest, section):
+def build_model(settings, attention, longest, section):
     """A model of the benchmark's shape with random weights, on the device, in fp32. A softmax model
     gets block_size raised to `longest` when that is past its own limit."""
-    config = GPTConfig.named(model, attention=attention, **({'vocab_size': vocab_size} if vocab_size else {}))
+    config = GPTConfig.named(settings.model, attention=attention,
+                             **({'vocab_size': settings.vocab_size} if settings.vocab_size else {}))
     if attention == 'softmax' and longest > config.block_size:
         section['notes'].append(f"softmax built with block_size={longest} (the model's own is {config.block_size}) "
                                 f"to measure past its context")
         config = GPTConfig(**{**asdict(config), 'block_size': longest})
-    return GPT(config).to(device)
+    return GPT(config).to(settings.device)
 
 
-def bench_prefill(section):
-    for attention in model_list:
-        net = build_model(attention, max(length_list), section).to_dtype(torch_dtype).eval()
+def bench_prefill(settings, section):
+    """Yields the section's rows, one per model and length."""
+    for attention in settings.model_list:
+        net = build_model(settings, attention, max(settings.length_list), section).to_dtype(settings.torch_dtype).eval()
         vocab = net.config.vocab_size
 
         def prefill_ms(B, N):
-            idx = torch.randint(vocab, (B, N), device=device)
+            idx = torch.randint(vocab, (B, N), device=settings.device)
             with torch.no_grad():
-                return median_ms(lambda: net(idx, cache=net.new_cache()))
+                return median_ms(settings, lambda: net(idx, cache=net.new_cache()))
 
-        for N in length_list:
-            B = max(1, tokens_per_batch // N)
-            ms = attempt(lambda: prefill_ms(B, N))
-            row = dict(attention=attention, N=N, B=B, ms=ms, tokens_per_s=B * N / ms * 1000 if is_number(ms) else ms)
-            record(section, row)
+        for N in settings.length_list:
+            B = max(1, settings.tokens_per_batch // N)
+            ms = attempt(settings, lambda: prefill_ms(B, N))
+            yield dict(attention=attention, N=N, B=B, ms=ms, tokens_per_s=B * N / ms * 1000 if is_number(ms) else ms)
         del net
 
 
@@ -266,90 +351,92 @@ def cache_bytes(config, B, context, dtype):
     return L * B * H * D * D * 4
 
 
-def random_cache(config, B, context):
+def random_cache(settings, config, B, context):
     """A Cache as if `context` tokens had been read: random tensors of the shapes decoding holds."""
     L, H, D = config.n_layer, config.n_head, config.head_size
     if config.attention == 'softmax':
-        layers = [tuple(torch.randn(B, H, context, D, device=device, dtype=torch_dtype) for _ in range(2))
-                  for _ in range(L)]
+        layers = [tuple(torch.randn(B, H, context, D, device=settings.device, dtype=settings.torch_dtype)
+                        for _ in range(2)) for _ in range(L)]
     else:
-        layers = [torch.randn(B, H, D, D, device=device) for _ in range(L)]
+        layers = [torch.randn(B, H, D, D, device=settings.device) for _ in range(L)]
     return Cache(pos=context, layers=layers)
 
 
-def decode_ms(net, B, context, cuda_graph):
+def decode_ms(settings, net, B, context, cuda_graph):
     """Milliseconds for one decoding step of B sequences at `context` tokens. Eager: the model's own
     step on a copy of the cache's layer list each call (the KV cache is concatenated, not grown in place,
     so every call sees the same context). CUDA graph: CUDAGraphDecoder with its states loaded."""
-    cache = random_cache(net.config, B, context)
-    token = torch.randint(net.config.vocab_size, (B, 1), device=device)
+    cache = random_cache(settings, net.config, B, context)
+    token = torch.randint(net.config.vocab_size, (B, 1), device=settings.device)
     with torch.no_grad():
         if cuda_graph:
-            decoder = CUDAGraphDecoder(net, batch_size=B, compile=compile)
+            decoder = CUDAGraphDecoder(net, batch_size=B, compile=settings.compile)
             for state, random_state in zip(decoder.states, cache.layers):
                 state.copy_(random_state)
             decoder.position.fill_(context)
-            return median_ms(lambda: decoder.step(token))
-        return median_ms(lambda: net(token, cache=Cache(pos=context, layers=list(cache.layers))))
+            return median_ms(settings, lambda: decoder.step(token))
+        return median_ms(settings, lambda: net(token, cache=Cache(pos=context, layers=list(cache.layers))))
 
 
-def profile_decode_step(net, B):
+def profile_decode_step(settings, net, B):
     """Where one CUDA-graph decoding step of B sequences spends its time: each kernel's calls and
     microseconds per step (torch.profiler over 20 replays; the step's shapes do not depend on the
     context), and each distinct matrix product timed alone, 50 calls in a CUDA graph. products_ms, their
     sum over the step, is what the weight reads cost before any other kernel runs."""
     from torch.profiler import ProfilerActivity
-    decoder = CUDAGraphDecoder(net, batch_size=B, compile=compile)
+    decoder = CUDAGraphDecoder(net, batch_size=B, compile=settings.compile)
     with torch.profiler.profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(20):
             decoder.graph.replay()
-        synchronize()
+        synchronize(settings)
     kernels = sorted(([e.key, e.count / 20, e.device_time_total / 20] for e in prof.key_averages()
                       if e.device_time_total > 0), key=lambda kernel: -kernel[2])
     products_us = {}
     with torch.no_grad():
         for name, module in net.named_modules():
             if isinstance(module, torch.nn.Linear) and (name.startswith('layers.0.') or name == 'lm_head'):
-                x = torch.randn(B, module.in_features, device=device, dtype=torch_dtype)
+                x = torch.randn(B, module.in_features, device=settings.device, dtype=settings.torch_dtype)
                 module(x)  # cuBLAS creates its handle here, outside the capture
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
                     for _ in range(50):
                         module(x)
-                products_us[name] = median_ms(graph.replay) * 1000 / 50
+                products_us[name] = median_ms(settings, graph.replay) * 1000 / 50
     layer_us = sum(us for name, us in products_us.items() if name != 'lm_head')
     return dict(B=B, kernels_per_step=sum(k[1] for k in kernels), kernel_ms=sum(k[2] for k in kernels) / 1000,
                 products_us=products_us, products_ms=(layer_us * net.config.n_layer + products_us['lm_head']) / 1000,
                 top_kernels=kernels[:15])
 
 
-def bench_decode(section):
-    batches = [int(b) for b in decode_batches.split(',')]
-    if profile and not device.startswith('cuda'):
+def bench_decode(settings, section):
+    """Yields the section's rows, one per model, implementation, batch size and context; the profile
+    goes into section['profile'] (saved with the next row or the section)."""
+    if settings.profile and not settings.cuda:
         section['notes'].append("profile needs CUDA: not run")
-    for attention in model_list:
-        net = build_model(attention, max(length_list) + 1, section).to_dtype(torch_dtype).eval()
-        impls = ['eager', 'cuda_graph'] if attention == 'dijiang' and device.startswith('cuda') else ['eager']
+    for attention in settings.model_list:
+        net = build_model(settings, attention, max(settings.length_list) + 1, section)
+        net = net.to_dtype(settings.torch_dtype).eval()
+        impls = ['eager', 'cuda_graph'] if attention == 'dijiang' and settings.cuda else ['eager']
         for impl in impls:
-            for B in batches:
-                for N in length_list:
-                    ms = attempt(lambda: decode_ms(net, B, N, cuda_graph=impl == 'cuda_graph'))
-                    row = dict(attention=attention, impl=impl, B=B, context=N, ms_per_token=ms,
+            for B in settings.decode_batch_list:
+                for N in settings.length_list:
+                    ms = attempt(settings, lambda: decode_ms(settings, net, B, N, cuda_graph=impl == 'cuda_graph'))
+                    yield dict(attention=attention, impl=impl, B=B, context=N, ms_per_token=ms,
                                tokens_per_s=B / ms * 1000 if is_number(ms) else ms,
-                               cache_bytes=cache_bytes(net.config, B, N, torch_dtype))
-                    record(section, row)
-        if profile and 'cuda_graph' in impls:
-            section['profile'] = [attempt(lambda: profile_decode_step(net, B)) for B in batches]
-            save()
+                               cache_bytes=cache_bytes(net.config, B, N, settings.torch_dtype))
+        if settings.profile and 'cuda_graph' in impls:
+            section['profile'] = [attempt(settings, lambda: profile_decode_step(settings, net, B))
+                                  for B in settings.decode_batch_list]
         del net
 
 
-def train_step_ms(net, optimizer, block):
-    B = max(1, train_tokens // block)
-    x, y = (torch.randint(net.config.vocab_size, (B, block), device=device) for _ in range(2))
-    autocast = torch.autocast(torch.device(device).type, dtype=torch_dtype) if torch_dtype != torch.float32 else nullcontext()
+def train_step_ms(settings, net, optimizer, block):
+    B = max(1, settings.train_tokens // block)
+    x, y = (torch.randint(net.config.vocab_size, (B, block), device=settings.device) for _ in range(2))
+    autocast = (torch.autocast(torch.device(settings.device).type, dtype=settings.torch_dtype)
+                if settings.torch_dtype != torch.float32 else nullcontext())
 
-    forward = torch.compile(net, dynamic=False) if compile else net  # one graph per block size
+    forward = torch.compile(net, dynamic=False) if settings.compile else net  # one graph per block size
 
     def step():
         with autocast:
@@ -361,25 +448,25 @@ def train_step_ms(net, optimizer, block):
 
     if not torch.isfinite(step()):
         return 'nan'
-    return median_ms(step)
+    return median_ms(settings, step)
 
 
-def bench_train(section):
-    blocks = [int(b) for b in train_blocks.split(',')]
-    for attention in model_list:
-        net = build_model(attention, max(blocks), section).train()
-        optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=device.startswith('cuda'))
-        for block in blocks:
-            if device.startswith('cuda'):
-                torch.cuda.reset_peak_memory_stats(device)
-            ms = attempt(lambda: train_step_ms(net, optimizer, block))
-            B = max(1, train_tokens // block)
+def bench_train(settings, section):
+    """Yields the section's rows, one per model and block size."""
+    for attention in settings.model_list:
+        net = build_model(settings, attention, max(settings.train_block_list), section).train()
+        optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=settings.cuda)
+        for block in settings.train_block_list:
+            if settings.cuda:
+                torch.cuda.reset_peak_memory_stats(settings.device)
+            ms = attempt(settings, lambda: train_step_ms(settings, net, optimizer, block))
+            B = max(1, settings.train_tokens // block)
             tokens_per_s = B * block / ms * 1000 if is_number(ms) else ms
             row = dict(attention=attention, block=block, B=B, ms_per_step=ms, tokens_per_s=tokens_per_s,
-                       mfu=net.flops_per_token(block) * tokens_per_s / peak_flops if is_number(ms) else ms)
-            if device.startswith('cuda') and is_number(ms):
-                row['peak_gib'] = peak_gib()
-            record(section, row)
+                       mfu=net.flops_per_token(block) * tokens_per_s / settings.peak_flops if is_number(ms) else ms)
+            if settings.cuda and is_number(ms):
+                row['peak_gib'] = peak_gib(settings)
+            yield row
         del net, optimizer
 
 # -----------------------------------------------------------------------------
@@ -392,16 +479,9 @@ def fmt(x):
     return str(x)
 
 
-def record(section, row):
-    """Keep a measurement, show it, and save the JSON: a run cut short keeps what it measured."""
-    section['rows'].append(row)
-    print('  ' + ' '.join(f"{k}={fmt(v)}" for k, v in row.items()), file=sys.stderr, flush=True)
-    save()
-
-
-def save():
+def save(results, path):
     ordered = {name: results[name] for name in SECTIONS if name in results}
-    atomic_write_text(out, json.dumps(ordered, indent=1) + '\n')
+    atomic_write_text(path, json.dumps(ordered, indent=1) + '\n')
 
 
 def print_table(title, header, lines):
@@ -457,7 +537,8 @@ def print_tables(results):
     if 'train' in results:
         lines = [[r['attention'], r['block'], r['B'], fmt(r['ms_per_step']), fmt(r['tokens_per_s']),
                   f"{r['mfu']:.1%}" if is_number(r['mfu']) else r['mfu']] for r in results['train']['rows']]
-        print_table(f"training step, AdamW, {dtype}, MFU of {peak_flops:.3g} FLOP/s",
+        meta = results['train']['meta']  # of the run that measured it, which may be an earlier one
+        print_table(f"training step, AdamW, {meta['dtype']}, MFU of {meta['peak_flops']:.3g} FLOP/s",
                     ['attention', 'block', 'B', 'ms/step', 'tokens/s', 'MFU'], lines)
     for name, section in results.items():
         for note in section['notes']:
@@ -467,11 +548,19 @@ def print_tables(results):
 
 
 def draw_plot(results, path):
-    """Throughput against length, as the paper's speed figure: one panel per section measured."""
-    import matplotlib
+    """Throughput against length, as the paper's speed figure: one panel per section measured, saved
+    to `path` when matplotlib is installed."""
+    if not results:
+        print("no plot: no section measured")
+        return
+    try:
+        import matplotlib
+    except ImportError:
+        print("no plot: matplotlib is not installed")
+        return
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    panels = [name for name in ('attention', 'prefill', 'decode') if name in results]
+    panels = [name for name in SECTIONS if name in results]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
     for ax, name in zip(axes[0], panels):
         rows = results[name]['rows']
@@ -487,29 +576,38 @@ def draw_plot(results, path):
                 if is_number(r['tokens_per_s']):
                     series[r['attention']].append((r['N'], r['tokens_per_s']))
             ax.set_title('prefill, whole model')
-        else:
+        elif name == 'decode':
             series = {}
             for r in rows:
                 if is_number(r['tokens_per_s']):
                     series.setdefault(f"{r['attention']} {r['impl']} B={r['B']}", []).append((r['context'], r['tokens_per_s']))
             ax.set_title('decoding, whole model')
+        else:
+            series = {r['attention']: [] for r in rows}
+            for r in rows:
+                if is_number(r['tokens_per_s']):
+                    series[r['attention']].append((r['block'], r['tokens_per_s']))
+            ax.set_title('training step, whole model')
         for label, points in series.items():
             if points:
                 ax.plot(*zip(*sorted(points)), marker='o', label=label)
         ax.set_xscale('log', base=2)
         ax.set_yscale('log')
-        ax.set_xlabel('context length (tokens)')
+        ax.set_xlabel('block size (tokens)' if name == 'train' else 'context length (tokens)')
         ax.set_ylabel('tokens/s')
         ax.grid(True, which='both', alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"{results[panels[0]]['meta']['model']}, random weights, {results[panels[0]]['meta']['hardware']}", fontsize=10)
+        if any(series.values()):  # a panel of failures only (OOM, nan) has nothing to label
+            ax.legend(fontsize=7)
+    meta = results[panels[0]]['meta']
+    fig.suptitle(f"{meta['model']}, random weights, {meta['hardware']}", fontsize=10)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format='png', dpi=120))
     plt.close(fig)
+    print(f"wrote {path}")
 
 
-def machine():
-    name = torch.cuda.get_device_name(device) if device.startswith('cuda') else 'cpu'
+def machine(settings):
+    name = torch.cuda.get_device_name(settings.device) if settings.cuda else 'cpu'
     try:
         import triton
         triton_version = triton.__version__
@@ -519,61 +617,55 @@ def machine():
                 date=time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime()))
 
 
-if __name__ == '__main__':
-    overrides = parse_settings(sys.argv[1:], SETTINGS, settings_help(__file__))
-    globals().update(overrides)
-    if device == 'auto':
-        device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    if device.startswith('cuda') and not torch.cuda.is_available():
-        raise SystemExit(f"error: device={device!r} but torch sees no CUDA GPU: use --device=cpu for a smoke run")
-    if device == 'cpu':
-        globals().update({name: value for name, value in CPU_SMOKE.items() if name not in overrides})
-    chosen = [name.strip() for name in sections.split(',') if name.strip()]
-    unknown = sorted(set(chosen) - set(SECTIONS))
-    if unknown:
-        raise SystemExit(f"error: unknown section(s) {', '.join(unknown)}: choose from {','.join(SECTIONS)}")
-    if model not in CONFIGS:
-        raise SystemExit(f"error: model={model!r}: choose one of {', '.join(CONFIGS)}")
-    if dtype not in ('bfloat16', 'float16', 'float32'):
-        raise SystemExit(f"error: dtype={dtype!r}: use 'bfloat16', 'float16' or 'float32'")
+def previous_results(settings):
+    """The sections an earlier run wrote to the same --out for the same model, except those this run measures."""
+    if not os.path.isfile(settings.out):
+        return {}
     try:
-        length_list = [int(n) for n in lengths.split(',')]
-    except ValueError:
-        raise SystemExit(f"error: lengths={lengths!r}: give comma-separated integers, e.g. --lengths=1024,8192")
-    model_list = [name.strip() for name in models.split(',') if name.strip()]
-    if not model_list or set(model_list) - {'softmax', 'dijiang'}:
-        raise SystemExit(f"error: models={models!r}: choose from softmax,dijiang")
-    torch_dtype = getattr(torch, dtype)
+        with open(settings.out) as f:
+            previous = json.load(f)
+        return {name: s for name, s in previous.items()
+                if name not in settings.section_list and s['meta']['model'] == settings.model}
+    except (ValueError, TypeError, KeyError, AttributeError):
+        raise SystemExit(f"error: out={settings.out!r} exists but was not written by bench.py: remove it or "
+                         f"pass another --out")
+
+
+def make_folders(settings):
+    """Create the folders of --out and --plot, which must name files (--plot='' draws none)."""
+    for name, path in (('out', settings.out), ('plot', settings.plot)):
+        if os.path.isdir(path) or (name == 'out' and not path):
+            raise SystemExit(f"error: {name}={path!r}: name a file, e.g. --{name}={SETTINGS[name]}")
+        try:
+            os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+        except OSError as e:
+            raise SystemExit(f"error: {name}={path!r}: cannot create its folder ({e.strerror}): pass another --{name}")
+
+
+if __name__ == '__main__':
+    settings = build_settings(parse_settings(sys.argv[1:], SETTINGS, settings_help(__file__)))
+    make_folders(settings)
+    results = previous_results(settings)
+    if results:
+        print(f"keeping {', '.join(results)} from {settings.out}", file=sys.stderr)
     torch.manual_seed(0)
 
-    # keep the sections an earlier run wrote to the same file for the same model
-    results = {}
-    if os.path.isfile(out):
-        try:
-            with open(out) as f:
-                previous = json.load(f)
-            results = {name: s for name, s in previous.items() if name not in chosen and s['meta']['model'] == model}
-        except (ValueError, TypeError, KeyError, AttributeError):
-            raise SystemExit(f"error: {out} exists but was not written by bench.py: remove it or pass another --out")
-        if results:
-            print(f"keeping {', '.join(results)} from {out}", file=sys.stderr)
     runners = dict(attention=bench_attention, prefill=bench_prefill, decode=bench_decode, train=bench_train)
-    settings = {name: globals()[name] for name in SETTINGS}
-    for name in chosen:
+    values = {name: getattr(settings, name) for name in SETTINGS}  # as run, CPU_SMOKE and 'auto' resolved
+    for name in settings.section_list:
         print(f"{name} ...", file=sys.stderr, flush=True)
-        results[name] = section = dict(meta={**machine(), **settings}, rows=[], notes=[], error=None)
+        results[name] = section = dict(meta={**machine(settings), **values}, rows=[], notes=[], error=None)
         try:
-            runners[name](section)
+            for row in runners[name](settings, section):
+                section['rows'].append(row)
+                print('  ' + ' '.join(f"{k}={fmt(v)}" for k, v in row.items()), file=sys.stderr, flush=True)
+                save(results, settings.out)  # after every row: a run cut short keeps what it measured
         except Exception as e:  # keep what the section measured, and the other sections
             section['error'] = f"{type(e).__name__}: {e}"
-        save()
+        save(results, settings.out)
 
     results = {name: results[name] for name in SECTIONS if name in results}
     print_tables(results)
-    print(f"\nwrote {out}")
-    if plot:
-        try:
-            draw_plot(results, plot)
-            print(f"wrote {plot}")
-        except ImportError:
-            print("no plot: matplotlib is not installed")
+    print(f"\nwrote {settings.out}")
+    if settings.plot:
+        draw_plot(results, settings.plot)

@@ -1,6 +1,7 @@
-"""bench.py: the CPU smoke run covers every section with finite numbers, and the pieces the GPU run
-relies on (the released code's formula and its overflow, the cache memory formula, OOM recording)
-are checked here on the CPU."""
+"""bench.py: the CPU smoke run covers every section with finite numbers, any subset of sections
+writes its JSON and plot, a bad setting stops with one line, and the pieces the GPU run relies on (the
+released code's formula and its overflow, the cache memory formula, OOM recording) are checked here on
+the CPU."""
 
 import json
 import math
@@ -9,12 +10,15 @@ import runpy
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import bench
+from configurator import parse_settings
 from dijiang import GPT, GPTConfig, attention_chunk, attention_parallel, decay_schedule, feature_map, projection_matrix
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}  # tiny ops: threads only add overhead
 
 
 def numbers(value):
@@ -29,8 +33,7 @@ def numbers(value):
 def test_cpu_smoke_run_fills_every_section(tmp_path, monkeypatch, capsys):
     out = tmp_path / 'bench.json'
     result = subprocess.run([sys.executable, 'bench.py', '--device=cpu', f'--out={out}', '--plot='],
-                            cwd=REPO, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, 'OMP_NUM_THREADS': '1'})  # tiny ops: threads only add overhead
+                            cwd=REPO, capture_output=True, text=True, timeout=300, env=ENV)
     assert result.returncode == 0, result.stderr
     results = json.loads(out.read_text())
     assert list(results) == ['attention', 'prefill', 'decode', 'train']
@@ -95,9 +98,8 @@ def tensors(cache):
     return [t for layer in cache.layers for t in (layer if isinstance(layer, tuple) else (layer,))]
 
 
-def test_cache_bytes_is_what_decoding_holds(monkeypatch):
-    monkeypatch.setattr(bench, 'device', 'cpu')
-    monkeypatch.setattr(bench, 'torch_dtype', torch.bfloat16, raising=False)  # set from --dtype when run
+def test_cache_bytes_is_what_decoding_holds():
+    settings = bench.build_settings(dict(device='cpu', dtype='bfloat16'))
     torch.manual_seed(0)
     for attention in ('softmax', 'dijiang'):
         model = GPT(GPTConfig.named('tiny', attention=attention, vocab_size=64)).to_dtype(torch.bfloat16)
@@ -105,7 +107,7 @@ def test_cache_bytes_is_what_decoding_holds(monkeypatch):
         model(torch.randint(0, 64, (3, 50)), cache=cache)
         assert bench.cache_bytes(model.config, 3, 50, torch.bfloat16) == sum(t.nbytes for t in tensors(cache))
         # the decode section's stand-in cache has the real one's shapes and dtypes
-        fake = bench.random_cache(model.config, 3, 50)
+        fake = bench.random_cache(settings, model.config, 3, 50)
         assert fake.pos == cache.pos == 50
         assert [(t.shape, t.dtype) for t in tensors(fake)] == [(t.shape, t.dtype) for t in tensors(cache)]
 
@@ -117,21 +119,74 @@ def test_attempt_records_failures_and_goes_on():
     def broken():
         raise RuntimeError("Triton: illegal memory access")
 
-    assert bench.attempt(lambda: 1.5) == 1.5
-    assert bench.attempt(out_of_memory) == 'OOM'
-    assert bench.attempt(broken) == 'error: RuntimeError: Triton: illegal memory access'
+    settings = bench.build_settings(dict(device='cpu'))
+    assert bench.attempt(settings, lambda: 1.5) == 1.5
+    assert bench.attempt(settings, out_of_memory) == 'OOM'
+    assert bench.attempt(settings, broken) == 'error: RuntimeError: Triton: illegal memory access'
 
 
 def test_models_setting_picks_the_attentions_and_profile_needs_cuda(tmp_path):
     out = tmp_path / 'bench.json'
-    run = [sys.executable, 'bench.py', '--device=cpu', '--sections=decode', f'--out={out}', '--plot=']
-    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
-    result = subprocess.run(run + ['--models=dijiang', '--profile=True'], cwd=REPO, capture_output=True, text=True,
-                            timeout=300, env=env)
+    result = subprocess.run([sys.executable, 'bench.py', '--device=cpu', '--sections=decode', f'--out={out}', '--plot=',
+                             '--models=dijiang', '--profile=True'], cwd=REPO, capture_output=True, text=True,
+                            timeout=300, env=ENV)
     assert result.returncode == 0, result.stderr
     decode = json.loads(out.read_text())['decode']
     assert {r['attention'] for r in decode['rows']} == {'dijiang'} and len(decode['rows']) == 4
     assert decode['notes'] == ["profile needs CUDA: not run"] and 'profile' not in decode
-    result = subprocess.run(run + ['--models=mamba'], cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
-    assert result.returncode != 0
-    assert result.stderr.strip().splitlines()[-1] == "error: models='mamba': choose from softmax,dijiang"
+
+
+def test_one_section_alone_writes_its_json_and_plot(tmp_path):
+    out, plot = tmp_path / 'new' / 'bench.json', tmp_path / 'new' / 'bench.png'  # the folder is created
+    result = subprocess.run([sys.executable, 'bench.py', '--device=cpu', '--sections=train', '--train_blocks=64',
+                             f'--out={out}', f'--plot={plot}'], cwd=REPO, capture_output=True, text=True,
+                            timeout=300, env=ENV)
+    assert result.returncode == 0, result.stderr
+    assert list(json.loads(out.read_text())) == ['train']
+    assert 'training step' in result.stdout
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "no plot: matplotlib is not installed" in result.stdout
+        return
+    assert f"wrote {plot}" in result.stdout
+    assert plot.read_bytes().startswith(b'\x89PNG')
+
+
+def test_no_section_no_plot(tmp_path, capsys):
+    bench.draw_plot({}, str(tmp_path / 'bench.png'))
+    assert capsys.readouterr().out == "no plot: no section measured\n"
+    assert not (tmp_path / 'bench.png').exists()
+
+
+# a bad setting and the one line it stops with, before anything is measured
+BAD_SETTINGS = {
+    '--sections=attention,trian': "error: sections='attention,trian': choose from attention,prefill,decode,train",
+    '--models=mamba': "error: models='mamba': choose from softmax,dijiang",
+    '--lengths=64,0': "error: lengths='64,0': give comma-separated positive integers, e.g. --lengths=1024,8192",
+    '--decode_batches=1,x': "error: decode_batches='1,x': give comma-separated positive integers, "
+                            "e.g. --decode_batches=1,64",
+    '--train_blocks=-64': "error: train_blocks='-64': give comma-separated positive integers, "
+                          "e.g. --train_blocks=2048,8192",
+    '--repeats=0': "error: repeats=0: give 1 or more",
+    '--device=cuda': "error: device='cuda' but torch sees no CUDA GPU: use --device=cpu for a smoke run",
+}
+
+
+def test_bad_settings_stop_with_one_line(tmp_path):
+    bad = {arg: line for arg, line in BAD_SETTINGS.items() if arg != '--device=cuda' or not torch.cuda.is_available()}
+    for arg, line in bad.items():  # the message of each, in this process
+        with pytest.raises(SystemExit) as stop:
+            bench.build_settings(parse_settings(['--device=cpu', arg], bench.SETTINGS, 'help'))
+        assert str(stop.value) == line
+    # and as a command: one line on stderr, a failing exit status, nothing written. Only two, at once: each
+    # process spends seconds importing torch. The later --device wins over --device=cpu.
+    commands = [arg for arg in ('--sections=attention,trian', '--device=cuda') if arg in bad]
+    runs = {arg: subprocess.Popen([sys.executable, 'bench.py', '--device=cpu', arg, f'--out={tmp_path / "bench.json"}'],
+                                  cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+            for arg in commands}
+    for arg, run in runs.items():
+        _, stderr = run.communicate(timeout=300)
+        assert run.returncode != 0, arg
+        assert stderr.strip() == bad[arg] and 'Traceback' not in stderr, (arg, stderr)
+    assert not (tmp_path / 'bench.json').exists()
