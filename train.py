@@ -47,6 +47,7 @@ model = 'tiny'  # a name in dijiang.CONFIGS: tiny, pythia-70m ... pythia-12b
 attention = 'dijiang'  # 'dijiang' or 'softmax'; a softmax checkpoint trained as 'dijiang' is linearized (the paper)
 form = 'chunk'  # DiJiang's attention form for training: 'chunk' (O(T) memory), 'parallel' or 'recurrent'
 feature_map = 'qmc'  # for new DiJiang layers: 'qmc' (the paper), 'mc' (the released code) or 'identity' (ablation)
+feature_seed = 0  # for new DiJiang layers: layer i draws its P with seed feature_seed + i (seed draws the rest, W_G included)
 # batch and schedule
 block_size = 256  # tokens per sequence
 batch_size = 8192  # tokens per optimizer step, all ranks together: accumulation = batch_size / (micro_batch_size * block_size * world_size)
@@ -168,7 +169,7 @@ start_step, position = 0, 0  # optimizer steps done and windows consumed
 if init_from == 'scratch':
     # pad the vocab to a multiple of 128, as GPT-NeoX does (Pythia's 50277 tokens -> 50304)
     vocab_size = -(-train_data.vocab_size // 128) * 128
-    config = GPTConfig.named(model, attention=attention, form=form, feature_map=feature_map,
+    config = GPTConfig.named(model, attention=attention, form=form, feature_map=feature_map, feature_seed=feature_seed,
                              block_size=block_size, vocab_size=vocab_size)
     gpt = GPT(config)
     model_tokenizer, fix = train_data.tokenizer, ''
@@ -186,7 +187,8 @@ else:
     # pretrained weight is kept, and the new gate, GroupNorm and P start from the released code's init
     linearize = pretrained['config']['attention'] == 'softmax' and attention == 'dijiang'
     try:
-        gpt = GPT.from_checkpoint(init_from, attention=attention, form=form, **({'feature_map': feature_map} if linearize else {}))
+        new_layers = dict(feature_map=feature_map, feature_seed=feature_seed) if linearize else {}
+        gpt = GPT.from_checkpoint(init_from, attention=attention, form=form, **new_layers)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     # the model's tokenizer: named in a train.py checkpoint, or the tokenizer.json beside a convert.py one

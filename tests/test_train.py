@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from data.prepare import build_default_corpus, prepare, write_shard
-from dijiang import GPT, GPTConfig
+from dijiang import GPT, GPTConfig, projection_matrix
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHIA_TOKENIZER = os.path.join('..', 'shared', 'pythia', 'tokenizer.json')
@@ -188,6 +188,33 @@ def test_fine_tune_linearizes_a_softmax_checkpoint(data_dir, tmp_path):
     assert GPT.from_checkpoint(out_dir).config.attention == 'dijiang'
     assert all(torch.equal(student[name], tensor) for name, tensor in source.items())
     assert 'layers.0.attn.gate.weight' in student and 'layers.0.attn.gate.weight' not in source
+
+
+@pytest.mark.parametrize('linearize', [False, True], ids=['scratch', 'linearize'])
+def test_feature_seed_draws_only_the_projections(data_dir, tmp_path, linearize):
+    source = []
+    if linearize:
+        teacher = str(tmp_path / 'teacher')
+        GPT(GPTConfig.named('tiny', attention='softmax', vocab_size=384)).save_checkpoint(teacher)
+        source = [f'--init_from={teacher}']
+
+    def initial(name, seed, feature_seed):
+        """The model train.py starts from: lr=0 leaves the weights as they were built."""
+        out_dir = str(tmp_path / name)
+        train(*source, f'--data_dir={data_dir}', f'--out_dir={out_dir}', '--block_size=32', '--batch_size=64',
+              '--micro_batch_size=2', '--max_iters=1', '--eval_iters=1', '--lr=0', f'--seed={seed}', f'--feature_seed={feature_seed}')
+        return weights(out_dir)
+
+    base, other_p, same_p, other_seed = initial('a', 3, 0), initial('b', 3, 5), initial('c', 3, 5), initial('d', 4, 5)
+    projections = {name for name in base if name.endswith('attn.feature_proj')}
+    assert projections == {'layers.0.attn.feature_proj', 'layers.1.attn.feature_proj'}
+    for name in base:
+        assert torch.equal(other_p[name], same_p[name]), name  # the same seeds give the same model
+        assert torch.equal(base[name], other_p[name]) == (name not in projections), name  # feature_seed moves P alone
+    assert torch.equal(other_p['layers.1.attn.feature_proj'], projection_matrix(16, 'qmc', seed=5 + 1))
+    # seed keeps drawing the rest: the gate's W_G (and, from scratch, every weight) but not P
+    assert all(torch.equal(other_p[name], other_seed[name]) for name in projections)
+    assert not torch.equal(other_p['layers.0.attn.gate.weight'], other_seed['layers.0.attn.gate.weight'])
 
 
 def test_eval_only_reproduces_the_logged_val_loss(data_dir, tmp_path, capsys):
