@@ -134,6 +134,11 @@ try:
     train_data = Shards(data_dir, 'train', block_size)
     val_data = Shards(data_dir, 'val', block_size)
     val_data.check_tokenizer(train_data.tokenizer, train_data.vocab_size, "rerun data/prepare.py into an empty folder")
+    # a second, out-of-distribution val split (val_ood_*.bin), where data/prepare.py wrote one: evaluated beside val
+    val_ood_data = None
+    if any(name.startswith('val_ood_') and name.endswith('.bin') for name in os.listdir(data_dir)):
+        val_ood_data = Shards(data_dir, 'val_ood', block_size)
+        val_ood_data.check_tokenizer(train_data.tokenizer, train_data.vocab_size, "rerun data/prepare.py into an empty folder")
 except ValueError as e:
     raise SystemExit(f"error: {e}")
 
@@ -263,16 +268,24 @@ def train_step(position):
 
 
 @torch.no_grad()
-def evaluate():
-    """Mean loss over the first eval_iters * world_size val micro-batches: the same tokens every time."""
+def evaluate(data):
+    """Mean loss over the first eval_iters * world_size micro-batches of a val split: the same tokens every time."""
     eval_model.eval()
     loss_sum = torch.zeros((), device=device)
     for i in range(eval_iters):
-        x, y = get_batch(val_data, (i * world_size + rank) * micro_batch_size)
+        x, y = get_batch(data, (i * world_size + rank) * micro_batch_size)
         with autocast:
             loss_sum += eval_model(x, y)[1]
     eval_model.train()
     return mean_over_ranks(loss_sum / eval_iters)
+
+
+def evaluate_splits():
+    """{'val_loss': ...} and, where the data has the split, 'val_loss_ood'."""
+    losses = dict(val_loss=evaluate(val_data))
+    if val_ood_data is not None:
+        losses['val_loss_ood'] = evaluate(val_ood_data)
+    return losses
 
 
 def rng_state():
@@ -334,6 +347,8 @@ def log(row):
         parts += [f"loss {row['loss']:.4f}"]
     if 'val_loss' in row:
         parts += [f"val {row['val_loss']:.4f}"]
+    if 'val_loss_ood' in row:
+        parts += [f"val_ood {row['val_loss_ood']:.4f}"]
     if 'loss' in row:
         parts += [f"lr {row['lr']:.2e}", f"grad norm {row['grad_norm']:.3f}", f"{row['tokens_per_s']:,.0f} tok/s",
                   f"MFU {100 * row['mfu']:.2f}%", f"peak mem {row['peak_mem_mib']:,.0f} MiB"]
@@ -345,17 +360,18 @@ def log(row):
 last_saved = start_step if init_from == 'resume' else None
 flops_per_token = gpt.flops_per_token(block_size)
 if eval_only:
-    val_loss = evaluate()
+    losses = evaluate_splits()
     if master:
-        print(f"val loss {val_loss:.4f}, perplexity {math.exp(val_loss):.3f}, at block_size {block_size} "
-              f"({eval_iters * micro_batch_size * world_size} windows)", flush=True)
+        for name, loss in losses.items():
+            print(f"{name.replace('_loss', '')} loss {loss:.4f}, perplexity {math.exp(loss):.3f}, at block_size {block_size} "
+                  f"({eval_iters * micro_batch_size * world_size} windows)", flush=True)
     if ddp:
         dist.destroy_process_group()
     sys.exit(0)
 if start_step == 0:
-    val_loss = evaluate()
+    losses = evaluate_splits()
     if master:
-        log(dict(step=0, val_loss=val_loss))
+        log(dict(step=0, **losses))
 step_seconds, steps_timed = 0.0, 0
 for step in range(start_step + 1, max_iters + 1):
     t0 = time.time()
@@ -374,7 +390,7 @@ for step in range(start_step + 1, max_iters + 1):
 
     row = dict(step=step, loss=loss, lr=step_lr, grad_norm=grad_norm)
     if step % eval_interval == 0 or step == max_iters:
-        row['val_loss'] = evaluate()
+        row.update(evaluate_splits())
         if not math.isfinite(row['val_loss']):
             stop_non_finite('val loss', row['val_loss'], step)
         if master:

@@ -360,7 +360,7 @@ class Shards:
         if not os.path.isfile(os.path.join(data_dir, 'prepare.json')):
             raise ValueError(f"no prepared data in {data_dir} (no prepare.json; an interrupted run leaves none): "
                              f"run python data/prepare.py --out_dir={data_dir} ...")
-        paths = sorted(glob.glob(os.path.join(data_dir, f'{split}_*.bin')))
+        paths = sorted(glob.glob(os.path.join(data_dir, f'{split}_[0-9]*.bin')))  # val_0*.bin, not val_ood_0*.bin
         if not paths:
             raise ValueError(f"no {split}_*.bin shards in {data_dir}: rerun data/prepare.py")
         headers = [read_header(path) for path in paths]

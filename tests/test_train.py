@@ -190,6 +190,37 @@ def test_fine_tune_linearizes_a_softmax_checkpoint(data_dir, tmp_path):
     assert 'layers.0.attn.gate.weight' in student and 'layers.0.attn.gate.weight' not in source
 
 
+def test_val_ood_split_is_evaluated_beside_val(data_dir, tmp_path, capsys):
+    # another corpus's val shard, named val_ood_000000.bin, is the out-of-distribution split
+    other = tmp_path / 'other.jsonl'
+    other.write_text(''.join(json.dumps(dict(text=f"{i}: zebra quartz jig. " * 40)) + '\n' for i in range(20)))
+    other_dir = prepare(input=str(other), tokenizer='bytes', out_dir=str(tmp_path / 'other'), num_workers=1, val_every=2)
+    with_ood = tmp_path / 'with_ood'
+    shutil.copytree(data_dir, with_ood)
+    shutil.copyfile(os.path.join(other_dir, 'val_000000.bin'), with_ood / 'val_ood_000000.bin')
+    common = [*SMALL, '--micro_batch_size=8', '--max_iters=2', '--eval_interval=2']
+    run = train(f'--data_dir={with_ood}', f'--out_dir={tmp_path / "ood"}', *common)
+    assert 'val_ood ' in capsys.readouterr().out
+    plain_run = train(f'--data_dir={data_dir}', f'--out_dir={tmp_path / "plain"}', *common)
+    assert run['val_data'].num_tokens == plain_run['val_data'].num_tokens  # val_*.bin does not take in val_ood_*.bin
+    assert run['val_ood_data'].num_tokens == json.load(open(os.path.join(other_dir, 'prepare.json')))['val']['tokens']
+
+    ood, plain = read_log(tmp_path / 'ood'), read_log(tmp_path / 'plain')
+    assert [row['step'] for row in ood if 'val_loss' in row] == [0, 2]
+    assert not any('val_loss_ood' in row for row in plain)  # no val_ood shards: nothing changes
+    for row, plain_row in zip(ood, plain):
+        assert ('val_loss_ood' in row) == ('val_loss' in row)
+        if 'val_loss' in row:
+            assert row['val_loss'] == plain_row['val_loss']  # the val split is still val_000000.bin alone
+    assert abs(ood[-1]['val_loss_ood'] - ood[-1]['val_loss']) > 0.1  # another text, another loss, once trained
+
+    with pytest.raises(SystemExit):  # eval_only reports both splits
+        train(f'--init_from={tmp_path / "ood"}', f'--data_dir={with_ood}', f'--out_dir={tmp_path / "unused"}',
+              '--eval_only=True', *SMALL, '--micro_batch_size=8')
+    printed = capsys.readouterr().out
+    assert re.search(r'^val loss [0-9.]+', printed, re.M) and re.search(r'^val_ood loss [0-9.]+', printed, re.M)
+
+
 @pytest.mark.parametrize('linearize', [False, True], ids=['scratch', 'linearize'])
 def test_feature_seed_draws_only_the_projections(data_dir, tmp_path, linearize):
     source = []
