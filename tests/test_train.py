@@ -248,6 +248,106 @@ def test_feature_seed_draws_only_the_projections(data_dir, tmp_path, linearize):
     assert not torch.equal(other_p['layers.0.attn.gate.weight'], other_seed['layers.0.attn.gate.weight'])
 
 
+@pytest.fixture(scope='module')
+def softmax_teacher(data_dir, tmp_path_factory):
+    """A tiny softmax model trained 6 steps: attention with some structure for the transfer to copy."""
+    out_dir = str(tmp_path_factory.mktemp('runs') / 'softmax_teacher')
+    train(f'--data_dir={data_dir}', f'--out_dir={out_dir}', '--attention=softmax', '--max_iters=6', '--eval_interval=6',
+          '--micro_batch_size=8', *SMALL)
+    return out_dir
+
+
+# the LM phase of a linearized model, short; lr=0 leaves the weights as the transfer left them
+LINEARIZE = ['--attention=dijiang', '--block_size=32', '--batch_size=256', '--micro_batch_size=8', '--eval_iters=2',
+             '--seed=3', '--transfer_lr=1e-2']
+
+
+def test_attention_transfer_trains_the_attention_alone(data_dir, softmax_teacher, tmp_path):
+    common = [f'--init_from={softmax_teacher}', f'--data_dir={data_dir}', *LINEARIZE, '--max_iters=1', '--lr=0']
+    run = train(*common, f'--out_dir={tmp_path / "transfer"}', '--transfer_tokens=2048')
+    train(*common, f'--out_dir={tmp_path / "none"}')
+
+    # 8 steps of 256 tokens; the mean per-layer MSE to the teacher's attention output goes down
+    rows = [row for row in read_log(tmp_path / 'transfer') if 'transfer_step' in row]
+    assert [row['transfer_step'] for row in rows] == list(range(1, 9)) and all(row['step'] == 0 for row in rows)
+    assert rows[-1]['transfer_mse'] < 0.5 * rows[0]['transfer_mse']
+    assert rows[0]['lr'] == 1e-2 and rows[-1]['lr'] < 1e-3  # one warmup step (a tenth of 8, at least 1), then cosine
+
+    # only the trained attention parameters moved; the LM phase then starts at the data after the transfer
+    after, before = weights(tmp_path / 'transfer'), weights(tmp_path / 'none')
+    trained = {name for name in after if re.fullmatch(r'layers\.\d\.attn\.(qkv|gate|group_norm)\.(weight|bias)', name)}
+    assert len(trained) == 2 * 5
+    for name in after:
+        assert torch.equal(after[name], before[name]) == (name not in trained), name
+    ckpt = torch.load(os.path.join(tmp_path, 'transfer', 'ckpt.pt'), weights_only=True)
+    assert ckpt['data_position'] == (8 + 1) * 8
+
+    # the helper's inputs and outputs are what each attention module sees and returns in the teacher's forward
+    teacher = GPT.from_checkpoint(softmax_teacher)
+    seen = []
+    hooks = [block.attn.register_forward_hook(lambda module, args, out: seen.append((args[0], out[0])))
+             for block in teacher.layers]
+    idx = torch.randint(0, 257, (2, 32))
+    with torch.no_grad():
+        teacher(idx)
+        for hook in hooks:
+            hook.remove()
+        pairs, _, _ = run['teacher_attention_io'](teacher, idx)
+    assert len(pairs) == len(seen) == 2
+    for (h, a), (h_seen, a_seen) in zip(pairs, seen):
+        assert torch.equal(h, h_seen) and torch.equal(a, a_seen)
+
+
+def test_attention_transfer_under_ddp_matches_one_process(data_dir, softmax_teacher, tmp_path):
+    ddp_dir, single_dir = str(tmp_path / 'ddp'), str(tmp_path / 'single')
+    common = [f'--init_from={softmax_teacher}', f'--data_dir={data_dir}', *LINEARIZE, '--max_iters=1', '--lr=0',
+              '--transfer_tokens=1024']
+    result = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                             'train.py', f'--out_dir={ddp_dir}', *common, '--micro_batch_size=4'],
+                            cwd=ROOT, env={**os.environ, 'OMP_NUM_THREADS': '1'}, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    sums = dict(re.findall(r'rank (\d)/2: final weights checksum (\S+)', result.stdout))
+    assert sums.keys() == {'0', '1'} and float(sums['0']) == float(sums['1'])  # the ranks took the same steps
+    train(f'--out_dir={single_dir}', *common)
+    rows = [[row for row in read_log(out) if 'transfer_step' in row] for out in (ddp_dir, single_dir)]
+    assert len(rows[0]) == len(rows[1]) == 4
+    for ddp_row, single_row in zip(*rows):
+        assert ddp_row['transfer_mse'] == pytest.approx(single_row['transfer_mse'], rel=1e-4)
+    ddp_weights, single_weights = weights(ddp_dir), weights(single_dir)
+    assert max((ddp_weights[name] - tensor).abs().max().item() for name, tensor in single_weights.items()) < 1e-4
+
+
+def test_attention_transfer_then_fine_tune_resumes_exactly(data_dir, softmax_teacher, tmp_path):
+    common = [f'--init_from={softmax_teacher}', f'--data_dir={data_dir}', *LINEARIZE, '--transfer_tokens=1024',
+              '--lr=1e-2', '--warmup=2', '--eval_interval=4', '--log_interval=1']
+    straight, halfway = str(tmp_path / 'straight'), str(tmp_path / 'halfway')
+    train(*common, f'--out_dir={straight}', '--max_iters=8')
+    train(*common, f'--out_dir={halfway}', '--max_iters=4', '--lr_decay_iters=8')
+    run = train('--init_from=resume', f'--out_dir={halfway}', '--max_iters=8')
+    assert run['start_step'] == 4 and run['transfer_iters'] == 4  # set, and skipped: the checkpoint is past it
+
+    a, b = weights(straight), weights(halfway)
+    assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+    keys = ('step', 'transfer_step', 'transfer_mse', 'loss', 'val_loss', 'lr', 'grad_norm')
+    strip = lambda log: [{k: row[k] for k in keys if k in row} for row in log]  # noqa: E731
+    assert strip(read_log(halfway)) == strip(read_log(straight))  # every logged number, bit for bit
+    assert len([row for row in read_log(halfway) if 'transfer_step' in row]) == 4
+    ckpt = torch.load(os.path.join(halfway, 'ckpt.pt'), weights_only=True)
+    assert ckpt['step'] == 8 and ckpt['data_position'] == (4 + 8) * 8
+
+
+def test_attention_transfer_needs_a_linearized_softmax_checkpoint(data_dir, softmax_teacher, tmp_path):
+    message = r'transfer_tokens=1024: the attention transfer trains linearized DiJiang layers'
+    with pytest.raises(SystemExit, match=message):
+        train(f'--data_dir={data_dir}', f'--out_dir={tmp_path / "x"}', *SMALL, '--micro_batch_size=8', '--transfer_tokens=1024')
+    with pytest.raises(SystemExit, match=message):
+        train(f'--init_from={softmax_teacher}', f'--data_dir={data_dir}', f'--out_dir={tmp_path / "x"}', *SMALL,
+              '--micro_batch_size=8', '--attention=softmax', '--transfer_tokens=1024')
+    with pytest.raises(SystemExit, match=r"block_size=64 is longer than the softmax teacher's context \(32\)"):
+        train(f'--init_from={softmax_teacher}', f'--data_dir={data_dir}', f'--out_dir={tmp_path / "x"}', *SMALL,
+              '--micro_batch_size=4', '--block_size=64', '--transfer_tokens=1024')
+
+
 def test_eval_only_reproduces_the_logged_val_loss(data_dir, tmp_path, capsys):
     out_dir = str(tmp_path / 'run')
     train(f'--data_dir={data_dir}', f'--out_dir={out_dir}', *SMALL, '--micro_batch_size=8', '--max_iters=2', '--eval_interval=2')
