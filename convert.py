@@ -49,7 +49,8 @@ out_dir = ''  # where to write; '' means out-MODEL, or out-NAME for --hf_dir=...
 attn = 'auto'  # 'auto' (as the checkpoint: softmax for Pythia, dijiang for released DiJiang), 'softmax', or 'dijiang':
                # linearize Pythia, keeping every weight and initializing W_G, GroupNorm and P as the released code
 feature_map = 'qmc'  # P of newly initialized DiJiang layers: 'qmc' (the paper, as train.py) or 'mc' (the released code's draw)
-seed = 0  # newly initialized DiJiang layers: the W_G draw, and P (layer i uses seed + i)
+seed = 0  # newly initialized DiJiang layers: the torch seed of their W_G draw
+feature_seed = 0  # newly initialized DiJiang layers: layer i draws its P with seed feature_seed + i, as train.py
 dtype = 'auto'  # weights as the checkpoint stores them ('auto'), or 'float32', 'bfloat16', 'float16'
 # -----------------------------------------------------------------------------
 SETTINGS = {name: value for name, value in globals().items()
@@ -249,7 +250,7 @@ def recover_decay(D1, D2):
 # The conversion
 
 
-def convert(folder, attn='auto', feature_map='qmc', seed=0, dtype='auto'):
+def convert(folder, attn='auto', feature_map='qmc', seed=0, dtype='auto', feature_seed=0):
     """Read the HF checkpoint in folder; return our model (weights memory-mapped or freshly read) and
     what was found, for the summary."""
     if not os.path.isdir(folder):
@@ -282,7 +283,7 @@ def convert(folder, attn='auto', feature_map='qmc', seed=0, dtype='auto'):
         raise SystemExit(f"error: --attn={attn}: use 'auto', 'softmax' or 'dijiang'")
     if released_dijiang and attn == 'softmax':
         raise SystemExit(f"error: {folder} is a DiJiang checkpoint (it has attention.W_G): convert it with --attn=dijiang")
-    config = GPTConfig(**config, attention=attn, feature_map=feature_map, feature_seed=seed)
+    config = GPTConfig(**config, attention=attn, feature_map=feature_map, feature_seed=feature_seed)
 
     with torch.device('meta'):
         model = GPT(config)
@@ -381,7 +382,8 @@ def main(settings):
         tokenizer_json = None
         print(f"note: no tokenizer.json in {folder}: sample.py and data/prepare.py need one; copy Pythia's into {out}",
               file=sys.stderr)
-    model, found = convert(folder, settings['attn'], settings['feature_map'], settings['seed'], settings['dtype'])
+    model, found = convert(folder, settings['attn'], settings['feature_map'], settings['seed'], settings['dtype'],
+                           settings['feature_seed'])
     if tokenizer_json and tokenizer.vocab_size > model.config.vocab_size:
         raise SystemExit(f"error: {tokenizer_json} has {tokenizer.vocab_size} tokens, more than the model's "
                          f"{model.config.vocab_size} embedding rows")

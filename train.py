@@ -51,6 +51,7 @@ model = 'tiny'  # a name in dijiang.CONFIGS: tiny, pythia-70m ... pythia-12b
 attention = 'dijiang'  # 'dijiang' or 'softmax'; a softmax checkpoint trained as 'dijiang' is linearized (the paper)
 form = 'chunk'  # DiJiang's attention form for training: 'chunk' (O(T) memory), 'parallel' or 'recurrent'
 feature_map = 'qmc'  # for new DiJiang layers: 'qmc' (the paper), 'mc' (the released code) or 'identity' (ablation)
+feature_seed = 0  # for new DiJiang layers: layer i draws its P with seed feature_seed + i (seed draws the rest, W_G included)
 # batch and schedule
 block_size = 256  # tokens per sequence
 batch_size = 8192  # tokens per optimizer step, all ranks together: accumulation = batch_size / (micro_batch_size * block_size * world_size)
@@ -63,6 +64,10 @@ min_lr = 0.0  # where the cosine ends (the released recipe's HF cosine ends at 0
 weight_decay = 0.1  # AdamW, on weight matrices and embeddings only: not on norms, biases or gains
 betas = (0.9, 0.95)
 grad_clip = 1.0  # max global gradient norm; 0 disables clipping
+# attention transfer, when linearizing (init_from a softmax checkpoint, attention='dijiang')
+transfer_tokens = 0  # before fine-tuning a linearized model: tokens (whole steps of batch_size) spent training each DiJiang
+                     # layer's attention to reproduce its frozen softmax teacher's attention output (MSE); 0 skips it
+transfer_lr = 1e-3  # peak lr of the transfer's AdamW: warmup over a tenth of its steps, then cosine to min_lr
 # eval and logging
 eval_interval = 100  # val loss and a checkpoint every eval_interval steps, and at the end
 eval_iters = 10  # val micro-batches per rank
@@ -141,6 +146,11 @@ try:
     train_data = Shards(data_dir, 'train', block_size)
     val_data = Shards(data_dir, 'val', block_size)
     val_data.check_tokenizer(train_data.tokenizer, train_data.vocab_size, "rerun data/prepare.py into an empty folder")
+    # a second, out-of-distribution val split (val_ood_*.bin), where data/prepare.py wrote one: evaluated beside val
+    val_ood_data = None
+    if any(name.startswith('val_ood_') and name.endswith('.bin') for name in os.listdir(data_dir)):
+        val_ood_data = Shards(data_dir, 'val_ood', block_size)
+        val_ood_data.check_tokenizer(train_data.tokenizer, train_data.vocab_size, "rerun data/prepare.py into an empty folder")
 except ValueError as e:
     raise SystemExit(f"error: {e}")
 
@@ -155,6 +165,7 @@ if max_iters == 0:  # one epoch
     if max_iters == 0:
         raise SystemExit(f"error: {data_dir} holds {train_data.num_tokens} train tokens, less than one batch of {batch_size}")
 lr_decay_iters = lr_decay_iters or max_iters
+transfer_iters = -(-transfer_tokens // batch_size)  # steps of the attention transfer, before step 1
 
 
 def window_start(position, micro_step):
@@ -173,10 +184,11 @@ def get_batch(data, start):
 
 
 start_step, position = 0, 0  # optimizer steps done and windows consumed
+linearize = False  # a softmax checkpoint becoming DiJiang
 if init_from == 'scratch':
     # pad the vocab to a multiple of 128, as GPT-NeoX does (Pythia's 50277 tokens -> 50304)
     vocab_size = -(-train_data.vocab_size // 128) * 128
-    config = GPTConfig.named(model, attention=attention, form=form, feature_map=feature_map,
+    config = GPTConfig.named(model, attention=attention, form=form, feature_map=feature_map, feature_seed=feature_seed,
                              block_size=block_size, vocab_size=vocab_size)
     gpt = GPT(config)
     model_tokenizer, fix = train_data.tokenizer, ''
@@ -193,8 +205,12 @@ else:
     # attention='dijiang' on a softmax checkpoint linearizes it (the paper's Algorithm 1): every
     # pretrained weight is kept, and the new gate, GroupNorm and P start from the released code's init
     linearize = pretrained['config']['attention'] == 'softmax' and attention == 'dijiang'
+    if linearize and transfer_tokens > 0 and block_size > pretrained['config']['block_size']:
+        raise SystemExit(f"error: block_size={block_size} is longer than the softmax teacher's context "
+                         f"({pretrained['config']['block_size']}) that the attention transfer reads: lower --block_size")
     try:
-        gpt = GPT.from_checkpoint(init_from, attention=attention, form=form, **({'feature_map': feature_map} if linearize else {}))
+        new_layers = dict(feature_map=feature_map, feature_seed=feature_seed) if linearize else {}
+        gpt = GPT.from_checkpoint(init_from, attention=attention, form=form, **new_layers)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     # the model's tokenizer: named in a train.py checkpoint, or the tokenizer.json beside a convert.py one
@@ -203,6 +219,10 @@ else:
         model_tokenizer = Tokenizer.from_dir(init_from).identity
     fix = f"tokenize with python data/prepare.py --tokenizer={init_from} ..."
     del pretrained
+if transfer_tokens < 0 or (transfer_tokens > 0 and init_from != 'resume' and not linearize):
+    raise SystemExit(f"error: transfer_tokens={transfer_tokens}: the attention transfer trains linearized DiJiang layers "
+                     "to match their softmax teacher; it needs --init_from=<a softmax checkpoint dir> and "
+                     "--attention=dijiang, and transfer_tokens >= 0")
 config = gpt.config
 try:
     train_data.check_tokenizer(model_tokenizer, config.vocab_size, fix)
@@ -237,12 +257,16 @@ train_model = DDP(eval_model, device_ids=[local_rank] if device_type == 'cuda' e
                   broadcast_buffers=False) if ddp else eval_model  # the buffers (P, decay) are fixed
 
 
-def lr_at(step):
-    """Learning rate of update step + 1: linear warmup, then cosine from lr to min_lr at lr_decay_iters."""
+def cosine_lr(step, peak, warmup, decay_iters):
+    """Learning rate of update step + 1: linear warmup to peak, then cosine to min_lr at decay_iters."""
     if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, lr_decay_iters - warmup))
-    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, decay_iters - warmup))
+    return min_lr + 0.5 * (peak - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def lr_at(step):
+    return cosine_lr(step, lr, warmup, lr_decay_iters)
 
 
 def mean_over_ranks(value):
@@ -269,16 +293,24 @@ def train_step(position):
 
 
 @torch.no_grad()
-def evaluate():
-    """Mean loss over the first eval_iters * world_size val micro-batches: the same tokens every time."""
+def evaluate(data):
+    """Mean loss over the first eval_iters * world_size micro-batches of a val split: the same tokens every time."""
     eval_model.eval()
     loss_sum = torch.zeros((), device=device)
     for i in range(eval_iters):
-        x, y = get_batch(val_data, (i * world_size + rank) * micro_batch_size)
+        x, y = get_batch(data, (i * world_size + rank) * micro_batch_size)
         with autocast:
             loss_sum += eval_model(x, y)[1]
     eval_model.train()
     return mean_over_ranks(loss_sum / eval_iters)
+
+
+def evaluate_splits():
+    """{'val_loss': ...} and, where the data has the split, 'val_loss_ood'."""
+    losses = dict(val_loss=evaluate(val_data))
+    if val_ood_data is not None:
+        losses['val_loss_ood'] = evaluate(val_ood_data)
+    return losses
 
 
 def rng_state():
@@ -311,6 +343,84 @@ def stop_non_finite(what, value, step):
                      "Lower lr or check the data, then --init_from=resume")
 
 # -----------------------------------------------------------------------------
+# Attention transfer: before the LM fine-tune of a linearized model, each DiJiang layer's attention
+# learns to reproduce its softmax teacher's output (MSE), reading the teacher's own hidden states.
+# So the layers are independent: their losses add up, and one AdamW steps them all.
+
+
+def teacher_attention_io(teacher, idx):
+    """The teacher on tokens idx (B, T): per layer i, the attention's input h_i = ln_attn(x_i), x_i the
+    residual stream entering block i, and its output a_i, as [(h_i, a_i)]; and the rotary cos, sin.
+    The blocks' residual sums are written out here so that each attention runs once."""
+    from dijiang import rotary_cos_sin
+    cfg = teacher.config
+    cos, sin = rotary_cos_sin(torch.arange(idx.shape[1], device=idx.device), int(cfg.head_size * cfg.rotary_pct),
+                              cfg.rotary_base)
+    x, pairs = teacher.embed(idx), []
+    for block in teacher.layers:
+        h = block.ln_attn(x)
+        a = block.attn(h, cos, sin)[0]
+        pairs.append((h, a))
+        if block.parallel_residual:
+            x = x + a + block.mlp(block.ln_mlp(x))
+        else:
+            x = x + a
+            x = x + block.mlp(block.ln_mlp(x))
+    return pairs, cos, sin
+
+
+def transfer_parameters(model):
+    """What the transfer trains in each DiJiang layer: qkv (the input of the feature map), the gate and
+    the GroupNorm. The output projection proj stays as pretrained: it is the teacher's own map from
+    the heads to the residual stream, so with it fixed the transfer fits what replaces softmax (the
+    heads' output, gated and normalized) and leaves proj to the LM fine-tune."""
+    return [p for block in model.layers for part in (block.attn.qkv, block.attn.gate, block.attn.group_norm)
+            for p in part.parameters()]
+
+
+def transfer_attention(position):
+    """transfer_iters steps of batch_size train tokens from window `position` on, read as the main loop
+    reads them (rank-strided micro-steps); logs the mean per-layer MSE. Returns the new position."""
+    teacher = GPT.from_checkpoint(init_from).to(device=device, dtype=torch.float32).eval().requires_grad_(False)
+    params = transfer_parameters(gpt)
+    transfer_optimizer = torch.optim.AdamW([dict(params=[p for p in params if p.dim() >= 2], weight_decay=weight_decay),
+                                            dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)],
+                                           lr=transfer_lr, betas=betas, fused=device_type == 'cuda')
+    transfer_warmup = max(1, transfer_iters // 10)
+    for t in range(transfer_iters):
+        t0 = time.time()
+        mse_sum = torch.zeros((), device=device)
+        for micro_step in range(accumulation):
+            x, _ = get_batch(train_data, window_start(position, micro_step))
+            with torch.no_grad(), autocast:
+                pairs, cos, sin = teacher_attention_io(teacher, x)
+            for block, (h, a) in zip(gpt.layers, pairs):
+                with autocast:
+                    y = block.attn(h, cos, sin)[0]
+                mse = (y.float() - a.float()).pow(2).mean()
+                (mse / accumulation).backward()  # layer by layer: one layer's graph in memory at a time
+                mse_sum += mse.detach()
+        if ddp:  # the same averaged gradients on every rank (DDP's own hooks serve only its forward)
+            for p in params:
+                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+                p.grad /= world_size
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf).item()
+        mse = mean_over_ranks(mse_sum / (accumulation * len(pairs)))
+        for what, value in (('transfer MSE', mse), ('transfer gradient norm', grad_norm)):
+            if not math.isfinite(value):
+                stop_non_finite(what, value, f"{t + 1} of the attention transfer")
+        step_lr = cosine_lr(t, transfer_lr, transfer_warmup, transfer_iters)
+        for group in transfer_optimizer.param_groups:
+            group['lr'] = step_lr
+        transfer_optimizer.step()
+        transfer_optimizer.zero_grad(set_to_none=True)
+        position += windows_per_step
+        if master:
+            log(dict(step=0, transfer_step=t + 1, transfer_mse=mse, lr=step_lr, grad_norm=grad_norm,
+                     tokens_per_s=batch_size / (time.time() - t0)))
+    return position
+
+# -----------------------------------------------------------------------------
 # Training loop
 
 
@@ -330,16 +440,27 @@ if master:
           f"{init_from}; {data_dir}: {train_data.num_tokens:,} train tokens ({train_data.tokenizer})")
     print(f"{max_iters} steps of {batch_size:,} tokens = {world_size} ranks * {accumulation} micro-steps * "
           f"{micro_batch_size} * {block_size}; {device}, {dtype}, from step {start_step}")
+    if transfer_iters and start_step == 0:
+        print(f"first, {transfer_iters} steps of attention transfer from {init_from} ({transfer_iters * batch_size:,} tokens)")
 print(f"rank {rank}/{world_size}: first micro-batch = train windows {window_start(position, 0)}.."
-      f"{window_start(position, 0) + micro_batch_size - 1}")
+      f"{window_start(position, 0) + micro_batch_size - 1}", flush=True)
 
 
 def log(row):
+    if 'transfer_step' in row:  # rows of the attention transfer, before step 1
+        parts = [f"transfer {row['transfer_step']:>4}/{transfer_iters}", f"mse {row['transfer_mse']:.6f}",
+                 f"lr {row['lr']:.2e}", f"grad norm {row['grad_norm']:.3f}", f"{row['tokens_per_s']:,.0f} tok/s"]
+        print(' | '.join(parts), flush=True)
+        with open(log_path, 'a') as f:
+            f.write(json.dumps(row) + '\n')
+        return
     parts = [f"step {row['step']:>5}/{max_iters}"]
     if 'loss' in row:
         parts += [f"loss {row['loss']:.4f}"]
     if 'val_loss' in row:
         parts += [f"val {row['val_loss']:.4f}"]
+    if 'val_loss_ood' in row:
+        parts += [f"val_ood {row['val_loss_ood']:.4f}"]
     if 'loss' in row:
         parts += [f"lr {row['lr']:.2e}", f"grad norm {row['grad_norm']:.3f}", f"{row['tokens_per_s']:,.0f} tok/s",
                   f"MFU {100 * row['mfu']:.2f}%", f"peak mem {row['peak_mem_mib']:,.0f} MiB"]
@@ -351,17 +472,20 @@ def log(row):
 last_saved = start_step if init_from == 'resume' else None
 flops_per_token = gpt.flops_per_token(block_size)
 if eval_only:
-    val_loss = evaluate()
+    losses = evaluate_splits()
     if master:
-        print(f"val loss {val_loss:.4f}, perplexity {math.exp(val_loss):.3f}, at block_size {block_size} "
-              f"({eval_iters * micro_batch_size * world_size} windows)", flush=True)
+        for name, loss in losses.items():
+            print(f"{name.replace('_loss', '')} loss {loss:.4f}, perplexity {math.exp(loss):.3f}, at block_size {block_size} "
+                  f"({eval_iters * micro_batch_size * world_size} windows)", flush=True)
     if ddp:
         dist.destroy_process_group()
     sys.exit(0)
+if transfer_iters and start_step == 0:  # a resumed run did its transfer already
+    position = transfer_attention(position)
 if start_step == 0:
-    val_loss = evaluate()
+    losses = evaluate_splits()
     if master:
-        log(dict(step=0, val_loss=val_loss))
+        log(dict(step=0, **losses))
 step_seconds, steps_timed = 0.0, 0
 for step in range(start_step + 1, max_iters + 1):
     t0 = time.time()
@@ -380,7 +504,7 @@ for step in range(start_step + 1, max_iters + 1):
 
     row = dict(step=step, loss=loss, lr=step_lr, grad_norm=grad_norm)
     if step % eval_interval == 0 or step == max_iters:
-        row['val_loss'] = evaluate()
+        row.update(evaluate_splits())
         if not math.isfinite(row['val_loss']):
             stop_non_finite('val loss', row['val_loss'], step)
         if master:
@@ -395,6 +519,6 @@ for step in range(start_step + 1, max_iters + 1):
 
 # every rank reports a checksum of its final weights: under DDP they must all be the same
 checksum = sum(p.detach().double().sum().item() for p in gpt.parameters())
-print(f"rank {rank}/{world_size}: final weights checksum {checksum!r}")
+print(f"rank {rank}/{world_size}: final weights checksum {checksum!r}", flush=True)  # one write: ranks share stdout
 if ddp:
     dist.destroy_process_group()

@@ -262,11 +262,11 @@ def test_linearize_pythia(tmp_path):
     # --attn=dijiang on Pythia keeps every pretrained weight; W_G, GroupNorm and gamma start as released, P by QMC
     hf = hf_model('pythia-like')
     hf.save_pretrained(tmp_path / 'hf')
-    model = run_convert(tmp_path / 'hf', tmp_path / 'out', attn='dijiang', seed=5)
+    model = run_convert(tmp_path / 'hf', tmp_path / 'out', attn='dijiang', seed=5, feature_seed=7)
     sd = hf.state_dict()
     for i, block in enumerate(model.layers):
         assert torch.equal(block.attn.qkv.weight, sd[f'gpt_neox.layers.{i}.attention.query_key_value.weight'])
-        assert torch.equal(block.attn.feature_proj, projection_matrix(8, 'qmc', seed=5 + i))
+        assert torch.equal(block.attn.feature_proj, projection_matrix(8, 'qmc', seed=7 + i))
         assert torch.equal(block.attn.decay, decay_schedule(4))
         assert torch.equal(block.attn.group_norm.weight, torch.ones(32))
         bound = 2 ** -2.5 * math.sqrt(6 / 64)  # xavier-uniform with gain 2^-2.5
@@ -274,6 +274,14 @@ def test_linearize_pythia(tmp_path):
     assert torch.equal(model.lm_head.weight, sd['lm_head.weight'])
     with torch.no_grad():
         assert torch.isfinite(model(torch.randint(0, 96, (1, 16)))[0]).all()
+
+    # seed draws W_G and feature_seed draws P, each alone
+    for name, settings, same_gate, same_proj in (('feature_seed', dict(seed=5, feature_seed=8), True, False),
+                                                  ('seed', dict(seed=6, feature_seed=7), False, True)):
+        other = run_convert(tmp_path / 'hf', tmp_path / f'out-{name}', attn='dijiang', **settings)
+        for block, other_block in zip(model.layers, other.layers):
+            assert torch.equal(block.attn.gate.weight, other_block.attn.gate.weight) == same_gate, name
+            assert torch.equal(block.attn.feature_proj, other_block.attn.feature_proj) == same_proj, name
 
 # -----------------------------------------------------------------------------
 # Downloads: a local stand-in for the hub that serves byte ranges and 404s

@@ -6,7 +6,6 @@ import os
 import random
 import re
 import shutil
-import sys
 import unicodedata
 
 import pytest

@@ -15,7 +15,7 @@ import torch
 
 from conftest import PYTHIA_TOKENIZER
 from data.prepare import build_default_corpus, prepare
-from dijiang import GPT, GPTConfig
+from dijiang import GPT, GPTConfig, projection_matrix
 from shards import write_shard
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -189,6 +189,164 @@ def test_fine_tune_linearizes_a_softmax_checkpoint(data_dir, tmp_path):
     assert GPT.from_checkpoint(out_dir).config.attention == 'dijiang'
     assert all(torch.equal(student[name], tensor) for name, tensor in source.items())
     assert 'layers.0.attn.gate.weight' in student and 'layers.0.attn.gate.weight' not in source
+
+
+def test_val_ood_split_is_evaluated_beside_val(data_dir, tmp_path, capsys):
+    # another corpus's val shard, named val_ood_000000.bin, is the out-of-distribution split
+    other = tmp_path / 'other.jsonl'
+    other.write_text(''.join(json.dumps(dict(text=f"{i}: zebra quartz jig. " * 40)) + '\n' for i in range(20)))
+    other_dir = prepare(input=str(other), tokenizer='bytes', out_dir=str(tmp_path / 'other'), num_workers=1, val_every=2)
+    with_ood = tmp_path / 'with_ood'
+    shutil.copytree(data_dir, with_ood)
+    shutil.copyfile(os.path.join(other_dir, 'val_000000.bin'), with_ood / 'val_ood_000000.bin')
+    common = [*SMALL, '--micro_batch_size=8', '--max_iters=2', '--eval_interval=2']
+    run = train(f'--data_dir={with_ood}', f'--out_dir={tmp_path / "ood"}', *common)
+    assert 'val_ood ' in capsys.readouterr().out
+    plain_run = train(f'--data_dir={data_dir}', f'--out_dir={tmp_path / "plain"}', *common)
+    assert run['val_data'].num_tokens == plain_run['val_data'].num_tokens  # val_*.bin does not take in val_ood_*.bin
+    assert run['val_ood_data'].num_tokens == json.load(open(os.path.join(other_dir, 'prepare.json')))['val']['tokens']
+
+    ood, plain = read_log(tmp_path / 'ood'), read_log(tmp_path / 'plain')
+    assert [row['step'] for row in ood if 'val_loss' in row] == [0, 2]
+    assert not any('val_loss_ood' in row for row in plain)  # no val_ood shards: nothing changes
+    for row, plain_row in zip(ood, plain):
+        assert ('val_loss_ood' in row) == ('val_loss' in row)
+        if 'val_loss' in row:
+            assert row['val_loss'] == plain_row['val_loss']  # the val split is still val_000000.bin alone
+    assert abs(ood[-1]['val_loss_ood'] - ood[-1]['val_loss']) > 0.1  # another text, another loss, once trained
+
+    with pytest.raises(SystemExit):  # eval_only reports both splits
+        train(f'--init_from={tmp_path / "ood"}', f'--data_dir={with_ood}', f'--out_dir={tmp_path / "unused"}',
+              '--eval_only=True', *SMALL, '--micro_batch_size=8')
+    printed = capsys.readouterr().out
+    assert re.search(r'^val loss [0-9.]+', printed, re.M) and re.search(r'^val_ood loss [0-9.]+', printed, re.M)
+
+
+@pytest.mark.parametrize('linearize', [False, True], ids=['scratch', 'linearize'])
+def test_feature_seed_draws_only_the_projections(data_dir, tmp_path, linearize):
+    source = []
+    if linearize:
+        teacher = str(tmp_path / 'teacher')
+        GPT(GPTConfig.named('tiny', attention='softmax', vocab_size=384)).save_checkpoint(teacher)
+        source = [f'--init_from={teacher}']
+
+    def initial(name, seed, feature_seed):
+        """The model train.py starts from: lr=0 leaves the weights as they were built."""
+        out_dir = str(tmp_path / name)
+        train(*source, f'--data_dir={data_dir}', f'--out_dir={out_dir}', '--block_size=32', '--batch_size=64',
+              '--micro_batch_size=2', '--max_iters=1', '--eval_iters=1', '--lr=0', f'--seed={seed}', f'--feature_seed={feature_seed}')
+        return weights(out_dir)
+
+    base, other_p, same_p, other_seed = initial('a', 3, 0), initial('b', 3, 5), initial('c', 3, 5), initial('d', 4, 5)
+    projections = {name for name in base if name.endswith('attn.feature_proj')}
+    assert projections == {'layers.0.attn.feature_proj', 'layers.1.attn.feature_proj'}
+    for name in base:
+        assert torch.equal(other_p[name], same_p[name]), name  # the same seeds give the same model
+        assert torch.equal(base[name], other_p[name]) == (name not in projections), name  # feature_seed moves P alone
+    assert torch.equal(other_p['layers.1.attn.feature_proj'], projection_matrix(16, 'qmc', seed=5 + 1))
+    # seed keeps drawing the rest: the gate's W_G (and, from scratch, every weight) but not P
+    assert all(torch.equal(other_p[name], other_seed[name]) for name in projections)
+    assert not torch.equal(other_p['layers.0.attn.gate.weight'], other_seed['layers.0.attn.gate.weight'])
+
+
+@pytest.fixture(scope='module')
+def softmax_teacher(data_dir, tmp_path_factory):
+    """A tiny softmax model trained 6 steps: attention with some structure for the transfer to copy."""
+    out_dir = str(tmp_path_factory.mktemp('runs') / 'softmax_teacher')
+    train(f'--data_dir={data_dir}', f'--out_dir={out_dir}', '--attention=softmax', '--max_iters=6', '--eval_interval=6',
+          '--micro_batch_size=8', *SMALL)
+    return out_dir
+
+
+# the LM phase of a linearized model, short; lr=0 leaves the weights as the transfer left them
+LINEARIZE = ['--attention=dijiang', '--block_size=32', '--batch_size=256', '--micro_batch_size=8', '--eval_iters=2',
+             '--seed=3', '--transfer_lr=1e-2']
+
+
+def test_attention_transfer_trains_the_attention_alone(data_dir, softmax_teacher, tmp_path):
+    common = [f'--init_from={softmax_teacher}', f'--data_dir={data_dir}', *LINEARIZE, '--max_iters=1', '--lr=0']
+    run = train(*common, f'--out_dir={tmp_path / "transfer"}', '--transfer_tokens=2048')
+    train(*common, f'--out_dir={tmp_path / "none"}')
+
+    # 8 steps of 256 tokens; the mean per-layer MSE to the teacher's attention output goes down
+    rows = [row for row in read_log(tmp_path / 'transfer') if 'transfer_step' in row]
+    assert [row['transfer_step'] for row in rows] == list(range(1, 9)) and all(row['step'] == 0 for row in rows)
+    assert rows[-1]['transfer_mse'] < 0.5 * rows[0]['transfer_mse']
+    assert rows[0]['lr'] == 1e-2 and rows[-1]['lr'] < 1e-3  # one warmup step (a tenth of 8, at least 1), then cosine
+
+    # only the trained attention parameters moved; the LM phase then starts at the data after the transfer
+    after, before = weights(tmp_path / 'transfer'), weights(tmp_path / 'none')
+    trained = {name for name in after if re.fullmatch(r'layers\.\d\.attn\.(qkv|gate|group_norm)\.(weight|bias)', name)}
+    assert len(trained) == 2 * 5
+    for name in after:
+        assert torch.equal(after[name], before[name]) == (name not in trained), name
+    ckpt = torch.load(os.path.join(tmp_path, 'transfer', 'ckpt.pt'), weights_only=True)
+    assert ckpt['data_position'] == (8 + 1) * 8
+
+    # the helper's inputs and outputs are what each attention module sees and returns in the teacher's forward
+    teacher = GPT.from_checkpoint(softmax_teacher)
+    seen = []
+    hooks = [block.attn.register_forward_hook(lambda module, args, out: seen.append((args[0], out[0])))
+             for block in teacher.layers]
+    idx = torch.randint(0, 257, (2, 32))
+    with torch.no_grad():
+        teacher(idx)
+        for hook in hooks:
+            hook.remove()
+        pairs, _, _ = run['teacher_attention_io'](teacher, idx)
+    assert len(pairs) == len(seen) == 2
+    for (h, a), (h_seen, a_seen) in zip(pairs, seen):
+        assert torch.equal(h, h_seen) and torch.equal(a, a_seen)
+
+
+def test_attention_transfer_under_ddp_matches_one_process(data_dir, softmax_teacher, tmp_path):
+    ddp_dir, single_dir = str(tmp_path / 'ddp'), str(tmp_path / 'single')
+    common = [f'--init_from={softmax_teacher}', f'--data_dir={data_dir}', *LINEARIZE, '--max_iters=1', '--lr=0',
+              '--transfer_tokens=1024']
+    result = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                             'train.py', f'--out_dir={ddp_dir}', *common, '--micro_batch_size=4'],
+                            cwd=ROOT, env={**os.environ, 'OMP_NUM_THREADS': '1'}, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    sums = dict(re.findall(r'rank (\d)/2: final weights checksum (\S+)', result.stdout))
+    assert sums.keys() == {'0', '1'} and float(sums['0']) == float(sums['1'])  # the ranks took the same steps
+    train(f'--out_dir={single_dir}', *common)
+    rows = [[row for row in read_log(out) if 'transfer_step' in row] for out in (ddp_dir, single_dir)]
+    assert len(rows[0]) == len(rows[1]) == 4
+    for ddp_row, single_row in zip(*rows):
+        assert ddp_row['transfer_mse'] == pytest.approx(single_row['transfer_mse'], rel=1e-4)
+    ddp_weights, single_weights = weights(ddp_dir), weights(single_dir)
+    assert max((ddp_weights[name] - tensor).abs().max().item() for name, tensor in single_weights.items()) < 1e-4
+
+
+def test_attention_transfer_then_fine_tune_resumes_exactly(data_dir, softmax_teacher, tmp_path):
+    common = [f'--init_from={softmax_teacher}', f'--data_dir={data_dir}', *LINEARIZE, '--transfer_tokens=1024',
+              '--lr=1e-2', '--warmup=2', '--eval_interval=4', '--log_interval=1']
+    straight, halfway = str(tmp_path / 'straight'), str(tmp_path / 'halfway')
+    train(*common, f'--out_dir={straight}', '--max_iters=8')
+    train(*common, f'--out_dir={halfway}', '--max_iters=4', '--lr_decay_iters=8')
+    run = train('--init_from=resume', f'--out_dir={halfway}', '--max_iters=8')
+    assert run['start_step'] == 4 and run['transfer_iters'] == 4  # set, and skipped: the checkpoint is past it
+
+    a, b = weights(straight), weights(halfway)
+    assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+    keys = ('step', 'transfer_step', 'transfer_mse', 'loss', 'val_loss', 'lr', 'grad_norm')
+    strip = lambda log: [{k: row[k] for k in keys if k in row} for row in log]  # noqa: E731
+    assert strip(read_log(halfway)) == strip(read_log(straight))  # every logged number, bit for bit
+    assert len([row for row in read_log(halfway) if 'transfer_step' in row]) == 4
+    ckpt = torch.load(os.path.join(halfway, 'ckpt.pt'), weights_only=True)
+    assert ckpt['step'] == 8 and ckpt['data_position'] == (4 + 8) * 8
+
+
+def test_attention_transfer_needs_a_linearized_softmax_checkpoint(data_dir, softmax_teacher, tmp_path):
+    message = r'transfer_tokens=1024: the attention transfer trains linearized DiJiang layers'
+    with pytest.raises(SystemExit, match=message):
+        train(f'--data_dir={data_dir}', f'--out_dir={tmp_path / "x"}', *SMALL, '--micro_batch_size=8', '--transfer_tokens=1024')
+    with pytest.raises(SystemExit, match=message):
+        train(f'--init_from={softmax_teacher}', f'--data_dir={data_dir}', f'--out_dir={tmp_path / "x"}', *SMALL,
+              '--micro_batch_size=8', '--attention=softmax', '--transfer_tokens=1024')
+    with pytest.raises(SystemExit, match=r"block_size=64 is longer than the softmax teacher's context \(32\)"):
+        train(f'--init_from={softmax_teacher}', f'--data_dir={data_dir}', f'--out_dir={tmp_path / "x"}', *SMALL,
+              '--micro_batch_size=4', '--block_size=64', '--transfer_tokens=1024')
 
 
 def test_eval_only_reproduces_the_logged_val_loss(data_dir, tmp_path, capsys):

@@ -1,0 +1,121 @@
+"""experiments/miniature.py: the smoke pipeline end to end on a CPU (every stage, the report's JSON and
+plot, finished runs skipped), and the verdict's rules on made-up numbers."""
+import importlib.util
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from data.prepare import build_default_corpus, prepare
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MINIATURE = os.path.join(ROOT, 'experiments', 'miniature.py')
+FEATURE_MAPS = ('qmc', 'mc', 'performer', 'identity')
+
+def load_miniature():
+    spec = importlib.util.spec_from_file_location('miniature', MINIATURE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope='module')
+def smoke(tmp_path_factory):
+    """The whole smoke pipeline into a temporary folder: the teacher stage as fresh `python train.py`
+    processes (as on a GPU), then --stage=all, which skips those two runs and forks the others."""
+    tmp = tmp_path_factory.mktemp('miniature')
+    build_default_corpus(str(tmp / 'corpus' / 'corpus.jsonl'), max_bytes=100_000)
+    data_dir = prepare(input=str(tmp / 'corpus' / 'corpus.jsonl'), tokenizer='bytes', out_dir=str(tmp / 'data'),
+                       num_workers=1, val_every=10)
+    (tmp / 'other.jsonl').write_text(''.join(json.dumps(dict(text=f"{i}: zebra quartz jig. " * 40)) + '\n' for i in range(20)))
+    other = prepare(input=str(tmp / 'other.jsonl'), tokenizer='bytes', out_dir=str(tmp / 'other'), num_workers=1, val_every=2)
+    shutil.copyfile(os.path.join(other, 'val_000000.bin'), os.path.join(data_dir, 'val_ood_000000.bin'))
+
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    common = [sys.executable, MINIATURE, '--smoke=True', f'--data_dir={data_dir}', f'--out_dir={tmp / "out"}',
+              f'--json_path={tmp / "report" / "miniature.json"}', '--parallel=2']
+
+    def miniature(*args):
+        result = subprocess.run([*common, *args], cwd=str(tmp), env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+        return result.stdout
+
+    outputs = [miniature('--stage=teacher', '--preload=False'), miniature('--stage=all')]
+    with open(tmp / 'report' / 'miniature.json') as f:
+        return dict(tmp=tmp, summary=json.load(f), outputs=outputs, miniature=miniature)
+
+
+def finite(x):
+    return isinstance(x, float) and math.isfinite(x)
+
+
+def test_smoke_pipeline_reports_every_run(smoke):
+    summary, teacher = smoke['summary'], smoke['summary']['teacher']
+    T = 20 * 16 * 32  # the smoke teacher: 20 steps of 16 sequences of 32 tokens
+    assert teacher['tokens'] == T and teacher['steps'] == 20
+    assert finite(teacher['val_loss']) and finite(teacher['val_loss_ood']) and teacher['val_loss_ood'] != teacher['val_loss']
+    assert teacher['at_t16']['step'] == 1 and finite(teacher['at_t16']['val_loss']) and finite(teacher['at_t16']['val_loss_ood'])
+
+    runs = summary['runs']
+    seeds = lambda arm, fraction: sorted(r['seed'] for r in runs if r['arm'] == arm and r['fraction'] == fraction)  # noqa: E731
+    for arm in (*FEATURE_MAPS, 'transfer'):
+        assert seeds(arm, 1 / 16) == [1, 2, 3], arm
+    for arm in ('teacher_continued', 'scratch_t16'):
+        assert seeds(arm, 1 / 16) == [1], arm
+    assert seeds('scratch_t', 1.0) == [1]
+    for arm in ('qmc', 'identity'):  # the recovery curves
+        for fraction in (1 / 64, 1 / 4):
+            assert seeds(arm, fraction) == [1], (arm, fraction)
+    assert len(runs) == 5 * 3 + 3 + 4
+
+    lr = summary['lr_choice']['chosen']
+    assert [c['lr'] for c in summary['lr_choice']['candidates']] == [3e-4, 1e-3] and lr in (3e-4, 1e-3)
+    for r in runs:
+        assert {'arm', 'seed', 'tokens', 'steps', 'lr', 'val_loss', 'val_loss_ood', 'fraction', 'wall_s', 'command'} <= r.keys()
+        assert finite(r['val_loss']) and finite(r['val_loss_ood']) and r['wall_s'] > 0, r
+        assert r['tokens'] == r['steps'] * r['batch_tokens']
+        if not r['arm'].startswith('scratch'):  # fine-tunes: the chosen lr, the same steps at every fraction
+            assert r['lr'] == lr and r['steps'] == 5 and r['tokens'] == round(r['fraction'] * T), r
+            assert f'--seed={r["seed"]}' in r['command'] and f'--feature_seed={r["seed"]}' in r['command']
+        assert r['transfer_tokens'] == (round(T / 160) if r['arm'] == 'transfer' else 0)
+    assert next(r for r in runs if r['arm'] == 'scratch_t')['tokens'] == T
+
+    verdict = summary['verdict']
+    assert verdict['outcome'] in ('reproduced', 'partial', 'not reproduced')
+    assert len(verdict['gaps']) == 3 and verdict['teacher_val_loss'] == teacher['val_loss']
+    assert len(summary['orderings']) == 2 * 10  # every pair of the 5 arms at T/16, on both val splits
+    assert {o['metric'] for o in summary['orderings']} == {'val_loss', 'val_loss_ood'}
+    assert {'gpu', 'torch', 'date'} <= summary['machine'].keys() and summary['commands']
+    assert set(summary['stage_wall_s']) == {'teacher', 'lr', 'arms', 'controls', 'recovery'}
+    assert (smoke['tmp'] / 'report' / 'miniature.png').stat().st_size > 10_000
+
+    teacher_stage, rest = smoke['outputs']
+    assert 'start teacher:' in teacher_stage and 'start scratch_t:' in teacher_stage
+    assert '2 of 2 runs already finished: skipped' in rest and 'start teacher:' not in rest
+    assert '| run | fraction of T | seeds | val_loss | val_loss_ood | steps | tokens |' in rest and 'verdict: ' in rest
+
+
+def test_finished_runs_are_skipped(smoke):
+    output = smoke['miniature']('--stage=arms')
+    assert '15 of 15 runs already finished: skipped' in output and 'start ' not in output
+
+
+def test_verdict_rules():
+    miniature = load_miniature()
+    runs = lambda values, steps=600: [dict(seed=s, val_loss=v, steps=steps) for s, v in enumerate(values, 1)]  # noqa: E731
+    assert miniature.verdict(1.0, runs([1.03, 1.04, 1.05]), 1.10, 500)['outcome'] == 'reproduced'
+    assert miniature.verdict(1.0, runs([1.03, 1.04, 1.05]), 1.02, 500)['outcome'] == 'partial'  # worse than scratch_t
+    assert miniature.verdict(1.0, runs([1.2, 1.3, 1.16]), 1.10, 500)['outcome'] == 'not reproduced'
+    assert miniature.verdict(1.0, runs([1.2, 1.3, 1.16], steps=400), 1.10, 500)['outcome'] == 'partial'  # too few steps
+    assert miniature.verdict(1.0, runs([1.2, 1.1, 1.3]), 1.10, 500)['outcome'] == 'partial'  # one seed within 0.15
+
+    arms = dict(a=runs([1.00, 1.01, 1.02]), b=runs([1.10, 1.12, 1.09]), c=runs([1.00, 1.05, 0.98]))
+    pairs = {(o['a'], o['b']): o for o in miniature.orderings(arms, 'val_loss')}
+    assert pairs.keys() == {('a', 'b'), ('a', 'c'), ('b', 'c')}
+    assert pairs['a', 'b']['claimed'] and pairs['a', 'b']['lower'] == 'a'
+    assert not pairs['a', 'c']['claimed'] and not pairs['a', 'c']['same_sign_every_seed']  # a mixed sign
+    assert pairs['b', 'c']['claimed'] and pairs['b', 'c']['lower'] == 'c'
