@@ -19,16 +19,17 @@ files of the installed packages, whole files to the val split, and one held-out 
 Stages, and what each trains (fractions are of T, the teacher's tokens):
   teacher   teacher: pythia-70m shape, softmax, block 1024, one pass over the train split (T tokens),
             evaluated every T/16, so that its val after T/16 tokens is a control too (mid-schedule: its
-            lr has not decayed yet). Beside it scratch_t: DiJiang (qmc) from scratch on the teacher's
-            schedule, the other run of T tokens, which needs no teacher.
+            lr has not decayed yet).
+  scratch   DiJiang (qmc) from scratch: scratch_t on the teacher's schedule (T tokens), scratch_t16 on
+            T/16 tokens (the fine-tunes' schedule, the teacher's lr). They need no teacher, so this
+            stage can run beside the others, from a second `--stage=scratch` process, which shortens
+            the whole by the length of scratch_t.
   lr        the linearized teacher (qmc, seed 1) fine-tuned at T/16 with each lr in `lrs`; the lower
             final val_loss picks the lr of every fine-tune after it (both are recorded).
   arms      at T/16, seeds 1-3, each seed passing --seed=s --feature_seed=s (so P and the gate both vary):
             the feature maps qmc, mc, performer and identity; and transfer: qmc after an attention
             transfer of T/160 tokens (train.py --transfer_tokens), then the same fine-tune.
-  controls  teacher_continued: the softmax teacher trained T/16 more tokens on the fine-tunes' schedule;
-            scratch_t16: DiJiang (qmc) from scratch on T/16 tokens (the fine-tunes' schedule, the
-            teacher's lr); scratch_t if the teacher stage did not train it.
+  controls  teacher_continued: the softmax teacher trained T/16 more tokens on the fine-tunes' schedule.
   recovery  qmc and identity (seed 1) at T/64 and T/4; T/16 comes from the arms.
   report    experiments/miniature.json and .png, a markdown table and the verdict.
 
@@ -37,9 +38,10 @@ Every fine-tune: init_from the teacher, the same number of optimizer steps at ev
 cosine to 0. Every run's val is taken over the same 320 windows of 1024 tokens of each split (val,
 val_ood). The lr is chosen on the val split it is then reported on: with two candidates, a small bias.
 
-Budget (printed at the start, per stage): the teacher stage trains 2 x T = 314M tokens (the teacher
-and scratch_t side by side), lr 20M, arms 140M, controls 20M, recovery 83M: about 580M tokens, 8-12
-minutes at 1-1.5M tokens/s over the parallel runs, each stage under 10 minutes.
+Budget (printed at the start, per stage): the teacher 157M tokens, scratch 167M, lr 20M, arms 150M,
+controls 10M, recovery 83M: about 590M tokens. On one H200, the stages in order beside a second
+process for `--stage=scratch` (as `python experiments/miniature.py --parallel=5` and `python
+experiments/miniature.py --stage=scratch` together) take about the times in experiments/miniature.json.
 
 The verdict, decided before any number was seen; on val_loss, nats per byte:
   reproduced      at T/16 the qmc mean over seeds is within 0.05 of the teacher's final val_loss, and
@@ -72,7 +74,7 @@ from shards import Shards  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # settings: each can be overridden as --name=value
-stage = 'all'  # 'teacher', 'lr', 'arms', 'controls', 'recovery', 'report', or 'all' of them in order
+stage = 'all'  # 'teacher', 'scratch', 'lr', 'arms', 'controls', 'recovery', 'report', or 'all' of them in order
 out_dir = ''  # '' means out-miniature (out-miniature-smoke with --smoke=True): run r writes out_dir/r/
 data_dir = ''  # '' means data/packages-bytes (data/packages-bytes-smoke); built on first use by data/prepare.py
 corpus_mb = 0.0  # size of the packages corpus to build, MB of text; 0 means 160 (1 with --smoke=True)
@@ -99,7 +101,7 @@ SMOKE = dict(model='tiny', block_size=32, teacher_batch=16, finetune_batch=4, mi
 FEATURE_MAPS = ('qmc', 'mc', 'performer', 'identity')
 SEEDS = (1, 2, 3)
 T16, RECOVERY_FRACTIONS, TRANSFER_FRACTION = 1 / 16, (1 / 64, 1 / 4), 1 / 160
-STAGES = ('teacher', 'lr', 'arms', 'controls', 'recovery', 'report')
+STAGES = ('teacher', 'scratch', 'lr', 'arms', 'controls', 'recovery', 'report')
 COLORS = dict(qmc='C0', mc='C1', performer='C2', identity='C3', transfer='C4', teacher_continued='C5',
               scratch_t16='C7', scratch_t='C7')
 STARTUP_S = 15  # a train.py process's start on a GPU (imports, CUDA, first kernels), for the estimates
@@ -191,20 +193,22 @@ class Plan:
     def stage(self, name, lr=None):
         """The runs of one stage; lr is the chosen fine-tune lr (the stages after 'lr')."""
         if name == 'teacher':
-            return [self.teacher(), self.scratch(1.0)]
+            return [self.teacher()]
+        if name == 'scratch':
+            return [self.scratch(1.0), self.scratch(T16)]
         if name == 'lr':
             return [self.finetune('qmc', 1, T16, candidate) for candidate in lrs]
         if name == 'arms':
             return [self.finetune(arm, seed, T16, lr) for arm in (*FEATURE_MAPS, 'transfer') for seed in SEEDS]
         if name == 'controls':
-            return [self.finetune('teacher_continued', 1, T16, lr), self.scratch(T16), self.scratch(1.0)]
+            return [self.finetune('teacher_continued', 1, T16, lr)]
         if name == 'recovery':
             return [self.finetune(arm, 1, fraction, lr) for arm in ('qmc', 'identity') for fraction in RECOVERY_FRACTIONS]
         return []
 
     def new_runs(self, lr):
-        """Each stage's runs that no earlier stage trains (arms reuse lr's qmc seed 1, controls the
-        teacher stage's scratch_t): what each stage costs."""
+        """Each stage's runs that no earlier stage trains (arms reuse lr's qmc seed 1): what each
+        stage costs."""
         seen, stages = set(), {}
         for name in STAGES[:-1]:
             stages[name] = [run for run in self.stage(name, lr) if run.name not in seen]
@@ -429,7 +433,7 @@ def report(plan, stage_walls):
     lr_choice = choose_lr(plan)
     lr = lr_choice['chosen']
     teacher_run = plan.teacher()
-    runs = list({run.name: run for name in ('arms', 'controls', 'recovery') for run in plan.stage(name, lr)}.values())
+    runs = list({run.name: run for name in ('scratch', 'arms', 'controls', 'recovery') for run in plan.stage(name, lr)}.values())
     missing = [run.name for run in [teacher_run, *runs] if not finished(run)]
     t16_step = max(1, plan.teacher_steps // 16)  # the teacher's eval_interval
     at_t16 = val_row(teacher_run, t16_step) or {}
@@ -553,6 +557,13 @@ def stage_commands():
     return [prepare] + [f"python experiments/miniature.py --stage={name} {given}".rstrip() for name in STAGES]
 
 
+def read_walls(path):
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
 def ensure_data():
     if os.path.isfile(os.path.join(data_dir, 'prepare.json')):
         return
@@ -591,22 +602,19 @@ def main():
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     print_budget(plan)
-    walls_path, walls = os.path.join(out_dir, 'stages.json'), {}  # each stage's wall time, for the report
-    if os.path.isfile(walls_path):
-        with open(walls_path) as f:
-            walls = json.load(f)
+    walls_path = os.path.join(out_dir, 'stages.json')  # each stage's wall time, for the report
     for name in STAGES if stage == 'all' else (stage,):
-        if name != 'teacher' and not finished(plan.teacher()):
+        if name not in ('teacher', 'scratch') and not finished(plan.teacher()):
             raise SystemExit(f"error: the teacher ({plan.teacher().dir}) has not finished: run --stage=teacher first")
         if name == 'report':
-            return report(plan, walls)
-        lr = choose_lr(plan)['chosen'] if name not in ('teacher', 'lr') else None
+            return report(plan, read_walls(walls_path))
+        lr = choose_lr(plan)['chosen'] if name not in ('teacher', 'scratch', 'lr') else None
         print(f"\n== stage {name}", flush=True)
         t0 = time.time()
         os.makedirs(out_dir, exist_ok=True)
         execute(plan.stage(name, lr))
-        walls[name] = round(time.time() - t0, 1)
-        write_json(walls_path, walls)
+        write_json(walls_path, {**read_walls(walls_path), name: round(time.time() - t0, 1)})  # re-read: a
+        # --stage=scratch process beside this one writes the same file
 
 
 if __name__ == '__main__':

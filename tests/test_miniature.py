@@ -90,12 +90,13 @@ def test_smoke_pipeline_reports_every_run(smoke):
     assert len(summary['orderings']) == 2 * 10  # every pair of the 5 arms at T/16, on both val splits
     assert {o['metric'] for o in summary['orderings']} == {'val_loss', 'val_loss_ood'}
     assert {'gpu', 'torch', 'date'} <= summary['machine'].keys() and summary['commands']
-    assert set(summary['stage_wall_s']) == {'teacher', 'lr', 'arms', 'controls', 'recovery'}
+    assert set(summary['stage_wall_s']) == {'teacher', 'scratch', 'lr', 'arms', 'controls', 'recovery'}
     assert (smoke['tmp'] / 'report' / 'miniature.png').stat().st_size > 10_000
 
     teacher_stage, rest = smoke['outputs']
-    assert 'start teacher:' in teacher_stage and 'start scratch_t:' in teacher_stage
-    assert '2 of 2 runs already finished: skipped' in rest and 'start teacher:' not in rest
+    assert 'start teacher:' in teacher_stage and 'start scratch_t:' not in teacher_stage
+    assert '1 of 1 runs already finished: skipped' in rest and 'start teacher:' not in rest
+    assert 'start scratch_t:' in rest
     assert '| run | fraction of T | seeds | val_loss | val_loss_ood | steps | tokens |' in rest and 'verdict: ' in rest
 
 
