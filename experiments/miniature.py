@@ -292,11 +292,14 @@ class Forked:
 
 def execute(runs):
     """Train the runs not finished yet, `parallel` at a time, longest first (so the pool drains
-    together). Stops with one line naming the runs that failed, after the others are done."""
+    together); returns how many it trained. Stops with one line naming the runs that failed, after
+    the others are done."""
     todo = sorted((run for run in runs if not finished(run)), key=lambda run: -run.tokens)
     done = len(runs) - len(todo)
     if done:
         print(f"{done} of {len(runs)} runs already finished: skipped")
+    if todo:  # the report names the machine the runs trained on, wherever it is written
+        write_json(os.path.join(out_dir, 'machine.json'), machine())
     threads = max(1, (os.cpu_count() or 1) // parallel)
     active, failed = {}, []
     while todo or active:
@@ -324,6 +327,7 @@ def execute(runs):
     if failed:
         raise SystemExit(f"error: {len(failed)} run(s) failed: " + '; '.join(
             f"{run.name} ({os.path.join(run.dir, 'train.out')}: {last_line(run)})" for run in failed))
+    return len(todo)
 
 
 def last_line(run):
@@ -446,16 +450,19 @@ def report(plan, stage_walls):
         if r['fraction'] == T16 and r['arm'] in (*FEATURE_MAPS, 'transfer') and r['val_loss'] is not None:
             by_arm.setdefault(r['arm'], []).append(r)
     scratch_t = next(r for r in results if r['arm'] == 'scratch_t')
-    if missing:
-        outcome = dict(outcome='incomplete', missing=missing)
+    # the verdict rests on the teacher, the qmc arm and scratch_t alone; other missing runs are listed
+    needed = [teacher_run.name, plan.scratch(1.0).name] + [plan.finetune('qmc', seed, T16, lr).name for seed in SEEDS]
+    if set(needed) & set(missing):
+        outcome = dict(outcome='incomplete')
     else:
         outcome = verdict(teacher['val_loss'], by_arm['qmc'], scratch_t['val_loss'], plan.scale['min_steps'])
+    outcome['missing_runs'] = missing
     summary = dict(
         claim="a softmax model linearized to DiJiang and fine-tuned on T/16 tokens comes back close to the original",
         teacher=teacher, runs=results, lr_choice=lr_choice, verdict=outcome,
         orderings=orderings(by_arm, 'val_loss') + orderings(by_arm, 'val_loss_ood'),
         planned_tokens={name: sum(run.tokens + run.transfer_tokens for run in runs) for name, runs in plan.new_runs(lr).items()},
-        stage_wall_s=stage_walls, machine=machine(), scale=plan.scale, smoke=smoke,
+        stage_wall_s=stage_walls, machine=read_json(os.path.join(out_dir, 'machine.json')) or machine(), scale=plan.scale, smoke=smoke,
         settings={name: globals()[name] for name in SETTINGS},
         commands=stage_commands())
     os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
@@ -557,7 +564,7 @@ def stage_commands():
     return [prepare] + [f"python experiments/miniature.py --stage={name} {given}".rstrip() for name in STAGES]
 
 
-def read_walls(path):
+def read_json(path):
     if not os.path.isfile(path):
         return {}
     with open(path) as f:
@@ -596,25 +603,33 @@ def main():
     if parallel < 1 or not lrs:
         raise SystemExit(f"error: parallel={parallel}, lrs={lrs}: need parallel >= 1 and at least one lr")
     scale = SMOKE if smoke else FULL
-    ensure_data()
-    try:
-        plan = Plan(scale, Shards(data_dir, 'train', scale['block_size']).num_windows)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}")
+    # the report needs only what the runs saved: with the data gone, the plan's size comes from there
+    saved_plan = read_json(os.path.join(out_dir, 'plan.json'))
+    if stage == 'report' and saved_plan and not os.path.isfile(os.path.join(data_dir, 'prepare.json')):
+        train_windows = saved_plan['train_windows']
+    else:
+        ensure_data()
+        try:
+            train_windows = Shards(data_dir, 'train', scale['block_size']).num_windows
+        except ValueError as e:
+            raise SystemExit(f"error: {e}")
+        os.makedirs(out_dir, exist_ok=True)
+        write_json(os.path.join(out_dir, 'plan.json'), dict(data_dir=data_dir, train_windows=train_windows))
+    plan = Plan(scale, train_windows)
     print_budget(plan)
     walls_path = os.path.join(out_dir, 'stages.json')  # each stage's wall time, for the report
     for name in STAGES if stage == 'all' else (stage,):
         if name not in ('teacher', 'scratch') and not finished(plan.teacher()):
             raise SystemExit(f"error: the teacher ({plan.teacher().dir}) has not finished: run --stage=teacher first")
         if name == 'report':
-            return report(plan, read_walls(walls_path))
+            return report(plan, read_json(walls_path))
         lr = choose_lr(plan)['chosen'] if name not in ('teacher', 'scratch', 'lr') else None
         print(f"\n== stage {name}", flush=True)
         t0 = time.time()
         os.makedirs(out_dir, exist_ok=True)
-        execute(plan.stage(name, lr))
-        write_json(walls_path, {**read_walls(walls_path), name: round(time.time() - t0, 1)})  # re-read: a
-        # --stage=scratch process beside this one writes the same file
+        if execute(plan.stage(name, lr)):  # a stage whose runs had all finished keeps its wall time
+            # re-read: a --stage=scratch process beside this one writes the same file
+            write_json(walls_path, {**read_json(walls_path), name: round(time.time() - t0, 1)})
 
 
 if __name__ == '__main__':
