@@ -47,19 +47,19 @@ out_dir = 'out'  # checkpoints (ckpt.pt, config.json, tokenizer.json) and log.js
 init_from = 'scratch'  # 'scratch', 'resume' (the run in out_dir) or a directory written by convert.py to fine-tune
 data_dir = 'data/stdlib-bytes'  # shards from data/prepare.py; this default one is built on first use
 # model: `model` applies from scratch; attention, form and feature_map also to init_from=DIR
-model = 'tiny'  # a name in dijiang.CONFIGS: tiny, pythia-70m ... pythia-12b
+model = 'small'  # a name in dijiang.CONFIGS: tiny, small (the demo's), pythia-70m ... pythia-12b
 attention = 'dijiang'  # 'dijiang' or 'softmax'; a softmax checkpoint trained as 'dijiang' is linearized (the paper)
 form = 'chunk'  # DiJiang's attention form for training: 'chunk' (O(T) memory), 'parallel' or 'recurrent'
-feature_map = 'qmc'  # for new DiJiang layers: 'qmc' (the paper), 'mc' (the released code) or 'identity' (ablation)
+feature_map = 'qmc'  # for new DiJiang layers: 'qmc' (the paper), 'mc' (the released code), 'performer' or 'identity'
 feature_seed = 0  # for new DiJiang layers: layer i draws its P with seed feature_seed + i (seed draws the rest, W_G included)
 # batch and schedule
-block_size = 256  # tokens per sequence
-batch_size = 8192  # tokens per optimizer step, all ranks together: accumulation = batch_size / (micro_batch_size * block_size * world_size)
+block_size = 128  # tokens per sequence
+batch_size = 2048  # tokens per optimizer step, all ranks together: accumulation = batch_size / (micro_batch_size * block_size * world_size)
 micro_batch_size = 16  # sequences per rank in one forward/backward
-max_iters = 600  # optimizer steps; 0 means one epoch of the train split
+max_iters = 1200  # optimizer steps; 0 means one epoch of the train split
 lr_decay_iters = 0  # length of the cosine decay in steps; 0 means max_iters
-warmup = 100  # steps of linear warmup
-lr = 3e-4
+warmup = 50  # steps of linear warmup
+lr = 2e-3  # the peak learning rate (a small model from scratch takes a high one; fine-tunes use 3e-4)
 min_lr = 0.0  # where the cosine ends (the released recipe's HF cosine ends at 0)
 weight_decay = 0.1  # AdamW, on weight matrices and embeddings only: not on norms, biases or gains
 betas = (0.9, 0.95)
@@ -69,23 +69,22 @@ transfer_tokens = 0  # before fine-tuning a linearized model: tokens (whole step
                      # layer's attention to reproduce its frozen softmax teacher's attention output (MSE); 0 skips it
 transfer_lr = 1e-3  # peak lr of the transfer's AdamW: warmup over a tenth of its steps, then cosine to min_lr
 # eval and logging
-eval_interval = 100  # val loss and a checkpoint every eval_interval steps, and at the end
-eval_iters = 10  # val micro-batches per rank
-log_interval = 10  # a log line every log_interval steps
+eval_interval = 200  # val loss and a checkpoint every eval_interval steps, and at the end
+eval_iters = 20  # val micro-batches per rank
+log_interval = 50  # a log line every log_interval steps
 eval_only = False  # measure the val loss at block_size once and exit: e.g. a checkpoint at a longer context
 peak_flops = 989e12  # per device, for MFU: H100 SXM dense bf16
 # system
 device = 'auto'  # 'auto' (cuda when available, else cpu), 'cpu' or 'cuda'; under torchrun, cuda:LOCAL_RANK
 dtype = 'auto'  # 'auto' (bfloat16 autocast on CUDA, float32 on CPU), 'bfloat16' or 'float32'
-cpu_threads = 1  # torch threads per process on the CPU; 0 keeps torch's default. Small models run fastest
-                 # on one: more threads mostly spin against each other (and against other processes)
+cpu_threads = 0  # torch threads per process on a CPU; 0 shares the cores out among this machine's ranks
 compile = False  # torch.compile the model
 seed = 1337
 # -----------------------------------------------------------------------------
 # Fine-tuning a convert.py directory follows the released DiJiang recipe (HF Trainer, AdamW as above,
 # bf16, block 2048, 1000 warmup steps, cosine, one epoch). Its batch size is not published: this one
 # is Pythia's own, 2M tokens.
-FINETUNE_RECIPE = dict(block_size=2048, batch_size=2 ** 21, micro_batch_size=8, max_iters=0, warmup=1000,
+FINETUNE_RECIPE = dict(lr=3e-4, block_size=2048, batch_size=2 ** 21, micro_batch_size=8, max_iters=0, warmup=1000,
                        eval_interval=500, eval_iters=50)
 SETTINGS = {name: value for name, value in globals().items()
             if not name.startswith('_') and isinstance(value, (bool, int, float, str, tuple))}
@@ -122,8 +121,9 @@ if device == 'cuda':
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
 if device_type == 'cuda':
     torch.cuda.set_device(device)
-elif cpu_threads > 0:
-    torch.set_num_threads(cpu_threads)
+else:  # torch's default, a thread per core in every process, oversubscribes the cores under torchrun
+    local_world_size = int(os.environ.get('LOCAL_WORLD_SIZE', 1))
+    torch.set_num_threads(cpu_threads or max(1, (os.cpu_count() or 1) // local_world_size))
 if dtype == 'auto':
     dtype = 'bfloat16' if device_type == 'cuda' and torch.cuda.is_bf16_supported() else 'float32'
 if dtype not in ('bfloat16', 'float32'):

@@ -65,7 +65,8 @@ input = ''  # a .jsonl, .jsonl.zst or .json file, or a folder of them; '' builds
 tokenizer = ''  # Pythia's tokenizer.json, a convert.py output dir holding one, or 'bytes'; '' = 'bytes' for a built-in corpus
 out_dir = ''  # '' means data/<input name>-<bytes|pythia>, e.g. data/stdlib-bytes, data/packages-bytes
 shard_tokens = 100_000_000  # tokens per shard file (200 MB in uint16)
-val_every = 50  # every val_every-th document goes to the val split
+val_every = 0  # every val_every-th document goes to the val split; 0: every 10th for the stdlib corpus (a few hundred
+               # documents, so that val holds ~400K tokens), every 50th otherwise (the packages corpus, --input)
 num_workers = os.cpu_count()  # tokenizer processes
 corpus = 'stdlib'  # the built-in corpus: 'stdlib' (pydoc topics, stdlib sources) or 'packages' (every installed .py file)
 corpus_mb = 0.0  # size of the built-in corpus, in MB of text; 0 means the corpus's own: 4 for stdlib, 160 for packages
@@ -424,6 +425,7 @@ def prepare(input='', tokenizer='', out_dir='', shard_tokens=shard_tokens, val_e
             roots=None):
     """Tokenize input (or a built-in corpus) into out_dir. Returns out_dir. Bad input raises ValueError.
     roots (name -> folder) builds the packages corpus from those folders instead of the installed ones."""
+    val_every = val_every or (10 if not input and corpus == 'stdlib' else 50)
     if val_every < 2 or shard_tokens < 1 or num_workers < 1:
         raise ValueError(f"val_every={val_every}, shard_tokens={shard_tokens}, num_workers={num_workers}: "
                          "need val_every >= 2 and the others >= 1")
