@@ -97,14 +97,16 @@ def test_long_context_65536_tokens_chunk_form():
     assert torch.isinf(decay[-1] ** -torch.tensor(float(T))), "the released D2 = gamma^-n overflows fp32"
     q, k, v = random_qkv(B, T, H, D, seed=7)
     proj = projection_matrix(D)
-    ref, ref_state = attention_chunk(feature_map(q.double(), proj), feature_map(k.double(), proj), v.double(), decay)
-    o, state = attention_chunk(feature_map(q, proj), feature_map(k, proj), v, decay)
+    # chunks of 1024 in float64 against chunks of 256 below: two chunkings of one function
+    ref, ref_state = attention_chunk(feature_map(q.double(), proj), feature_map(k.double(), proj), v.double(), decay,
+                                     chunk_size=1024)
+    o, state = attention_chunk(feature_map(q, proj), feature_map(k, proj), v, decay, chunk_size=256)
     assert torch.isfinite(o).all() and torch.isfinite(state).all()
     assert rel_err(o, ref) < 1e-5 and rel_err(state, ref_state) < 1e-5
     # the tokens at the end see the whole history through the slow head: not a vanishing signal
     assert o[0, -1, 1].norm() > 1
     qb, kb, vb = (x.bfloat16() for x in (q, k, v))
-    o_bf16, state_bf16 = attention_chunk(feature_map(qb, proj), feature_map(kb, proj), vb, decay)
+    o_bf16, state_bf16 = attention_chunk(feature_map(qb, proj), feature_map(kb, proj), vb, decay, chunk_size=256)
     assert o_bf16.dtype == torch.bfloat16 and torch.isfinite(o_bf16).all() and torch.isfinite(state_bf16).all()
     assert rel_err(o_bf16, ref) < 1e-2
 
