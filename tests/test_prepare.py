@@ -209,7 +209,7 @@ def test_settings_parser():
     with pytest.raises(SystemExit, match=r'expected a value like 10 \(int\)'):
         parse_settings(['--shard_tokens=many'], settings, '')
     help_text = prep.settings_help(prep.__file__)
-    assert 'shard_tokens = 100_000_000' in help_text and 'val_every = 50' in help_text
+    assert 'shard_tokens = 100_000_000' in help_text and 'val_every = 0' in help_text
 
 
 # -----------------------------------------------------------------------------
