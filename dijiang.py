@@ -18,9 +18,9 @@ Decays are always relative (gamma^(n-m) with n >= m), never gamma^(-n): the rele
 D2 = gamma^(-n) overflows fp32 past about 2.8K tokens.
 """
 
+import json
 import math
 import os
-import json
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -128,16 +128,12 @@ def apply_rotary(x, cos, sin):
 
 
 def projection_matrix(head_size, feature_map='qmc', seed=0):
-    """P (D, D) fp32, used as phi(x) = softmax(x @ P).
-    'qmc' and 'mc': P = C @ diag(t), C the orthonormal DCT-II matrix, so x @ P applies the inverse DCT
-    and then scales frequency j by t_j = Phi^-1(u_j), Phi the standard normal CDF. 'mc' draws u
-    i.i.d. uniform, as the released code; 'qmc' takes a scrambled van der Corput (1-D Halton)
-    sequence, which covers (0, 1) evenly: the paper's quasi-Monte Carlo, without its learned weights.
-    'performer': P = G / D^(1/4), G's columns orthogonal directions with Gaussian-vector lengths
-    (Performer's FAVOR+). softmax(x @ P) is then exp(w_j . x') / sum, x' = x / D^(1/4): Performer's
-    positive random features, whose exp(-|x'|^2 / 2) factor the softmax's normalizer cancels.
-    'identity': the ablation without a feature map, P = I and no softmax.
-    Always built on the CPU (also inside a `with torch.device(...)` block), from seed alone."""
+    """P (D, D) fp32 for phi(x) = softmax(x @ P), built on the CPU from seed alone.
+    'qmc', 'mc': P = C @ diag(t), C the orthonormal DCT-II matrix: x @ P applies the inverse DCT, then
+    scales frequency j by t_j = Phi^-1(u_j). 'mc' draws u i.i.d. uniform (the released code); 'qmc'
+    takes a scrambled van der Corput sequence, which covers (0, 1) evenly (the paper's QMC, unweighted).
+    'performer': P = G / D^(1/4), G's columns orthogonal with Gaussian-vector lengths (FAVOR+); the
+    softmax's normalizer cancels Performer's exp(-|x|^2 / 2) factor. 'identity': no feature map."""
     cpu = dict(device='cpu', dtype=torch.float64)
     if feature_map == 'identity':
         return torch.eye(head_size, device='cpu')
@@ -182,8 +178,7 @@ def relative_decay(log_gamma, distance, dtype):
 
 
 def per_token(decays):
-    """(H, T) decays -> (1, T, H, 1), to scale (B, T, H, D) tensors token by token."""
-    return decays.T[None, :, :, None]
+    return decays.T[None, :, :, None]  # (H, T) -> (1, T, H, 1), to scale (B, T, H, D) token by token
 
 
 def attention_parallel(phi_q, phi_k, v, decay, state=None):
@@ -440,9 +435,8 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def flops_per_token(self, T):
-        """Training FLOPs per token (forward + backward), for MFU: 6 per parameter plus attention.
-        Softmax: PaLM's 12 * L * C * T. DiJiang, per head and token: the feature maps (4 D^2), the
-        state update and read (4 D^2) and the intra-chunk products (4 C_chunk D), times 3 for backward."""
+        """Training FLOPs per token, for MFU: 6 per parameter plus attention (softmax: PaLM's 12 L C T;
+        DiJiang per head: feature maps 4 D^2, state 4 D^2, intra-chunk 4 C_chunk D, times 3 for backward)."""
         cfg, D = self.config, self.config.head_size
         if cfg.attention == 'softmax':
             attention = 12 * cfg.n_layer * cfg.n_embd * T
@@ -480,10 +474,9 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, decoder=None):
-        """Yield max_new_tokens next tokens (B, 1) one at a time. The prompt is read once (dijiang: in
-        the configured form); each new token then costs one step against the cache: a growing KV cache
-        for softmax, a fixed-size state for dijiang. decoder, when given, runs those steps instead: an
-        object with prefill(idx) and step(token), each returning logits (fast/cuda_graph_decode.py)."""
+        """Yield max_new_tokens next tokens (B, 1) one at a time: the prompt is read once, then each
+        token is one step against the cache (softmax: a growing KV cache; dijiang: a fixed-size state).
+        decoder (fast/cuda_graph_decode.py) runs the steps instead: prefill(idx) and step(token)."""
         if decoder is None:
             cache = self.new_cache()
             logits = self(idx, cache=cache)[0]
