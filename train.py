@@ -26,7 +26,7 @@ import resource
 import shutil
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 # OpenMP's worker threads spin while they wait for work: on a CPU that also runs anything else, that
 # makes a small model's training ten times slower; waiting passively costs little on an idle one.
@@ -39,17 +39,35 @@ import torch.distributed as dist  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
 from atomic import atomic_write
-from configurator import parse_settings, settings_help
+from configurator import (check, check_device, check_floats, check_ints, exit_on_interrupt, interrupts_deferred,
+                          is_number, parse_settings, settings_help)
 from data.prepare import prepare
-from dijiang import GPT, GPTConfig
+from dijiang import ATTENTIONS, CONFIGS, FEATURE_MAPS, FORMS, GPT, GPTConfig, load_checkpoint
 from shards import Shards
 from tokenizer import Tokenizer
+
+
+def kept():
+    """What a stopped run leaves, for its one line: the checkpoint to resume from."""
+    if eval_only:
+        return 'nothing was written'
+    if last_saved is not None:
+        return f"{os.path.join(out_dir, 'ckpt.pt')} (step {last_saved}) is the last checkpoint; resume with --init_from=resume"
+    return 'no checkpoint of this run was written yet'
+
+
+def stopped_line():
+    return kept() if master else None  # rank 0 speaks for the run
+
+
+exit_on_interrupt(stopped_line)  # until the run is set up, stopped_line raises NameError: a plainer line
 
 # -----------------------------------------------------------------------------
 # settings: each can be overridden as --name=value
 # I/O
 out_dir = 'out'  # checkpoints (ckpt.pt, config.json, tokenizer.json) and log.jsonl; GPT.from_checkpoint(out_dir) loads it
 init_from = 'scratch'  # 'scratch', 'resume' (the run in out_dir) or a directory written by convert.py to fine-tune
+overwrite = False  # a new run (not init_from=resume) into an out_dir that holds a ckpt.pt replaces that run only when True
 data_dir = 'data/stdlib-bytes'  # shards from data/prepare.py; this default one is built on first use
 # model: `model` applies from scratch; attention, form and feature_map also to init_from=DIR
 model = 'small'  # a name in dijiang.CONFIGS: tiny, small (the demo's), pythia-70m ... pythia-12b
@@ -103,14 +121,45 @@ if init_from == 'resume':
     ckpt_path = os.path.join(out_dir, 'ckpt.pt')
     if not os.path.isfile(ckpt_path):
         raise SystemExit(f"error: init_from=resume but there is no {ckpt_path}: pass the run's --out_dir, or init_from=scratch")
-    resumed = torch.load(ckpt_path, map_location='cpu', mmap=True, weights_only=True)
-    base = {**{k: v for k, v in resumed['settings'].items() if k in SETTINGS}, 'init_from': 'resume', 'out_dir': out_dir}
+    try:
+        resumed = load_checkpoint(out_dir)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    if 'settings' not in resumed:
+        raise SystemExit(f"error: {ckpt_path} is a converted model, with no training run to resume: fine-tune it with "
+                         f"--init_from={out_dir} and a new --out_dir")
+    missing = [key for key in ('optimizer', 'step', 'data_position', 'rng', 'tokenizer') if key not in resumed]
+    if missing or not isinstance(resumed['settings'], dict):
+        raise SystemExit(f"error: {ckpt_path} has no {(missing or ['settings'])[0]!r} entry: it was not written by "
+                         "train.py, so it cannot be resumed; fine-tune it with --init_from=DIR instead")
+    base = {**{k: v for k, v in resumed['settings'].items() if k in SETTINGS and k != 'overwrite'},
+            'init_from': 'resume', 'out_dir': out_dir}
 elif init_from != 'scratch':
     base = FINETUNE_RECIPE
 else:
     base = {}
 globals().update({**base, **overrides})
 settings = {name: globals()[name] for name in SETTINGS}  # saved with each checkpoint
+last_saved = resumed['step'] if resumed is not None else None  # the step of the checkpoint this run leaves in out_dir
+
+# Every setting is checked before anything is read or written: the first bad one stops the run with one line
+check(init_from != 'scratch' or model in CONFIGS, 'model', model, f"use one of {', '.join(CONFIGS)}")
+for name, allowed in (('attention', ATTENTIONS), ('form', FORMS), ('feature_map', FEATURE_MAPS)):
+    check(settings[name] in allowed, name, settings[name], f"use one of {', '.join(allowed)}")
+check_ints(settings, dict(block_size=1, batch_size=1, micro_batch_size=1, max_iters=0, lr_decay_iters=0, warmup=0,
+                          eval_interval=1, eval_iters=1, log_interval=1, transfer_tokens=0, cpu_threads=0, feature_seed=0))
+check(0 <= seed < 2 ** 32, 'seed', seed, 'give a seed from 0 to 2**32 - 1')
+check_floats(settings, ('lr', 'min_lr', 'weight_decay', 'grad_clip', 'transfer_lr'))
+check_floats(settings, ('peak_flops',), positive=True)
+check(len(betas) == 2 and all(is_number(b) and 0 <= b < 1 for b in betas), 'betas', betas,
+      'give two numbers from 0 up to (not including) 1, e.g. (0.9, 0.95)')
+check(dtype in ('auto', 'bfloat16', 'float32'), 'dtype', dtype, "use 'auto', 'bfloat16' (autocast, fp32 weights) or 'float32'")
+check(bool(out_dir), 'out_dir', out_dir, 'name the folder for the checkpoints and the log')
+check_device(device)
+# a new run never replaces an earlier one unasked (eval_only writes nothing)
+if init_from != 'resume' and not eval_only and not overwrite and os.path.isfile(os.path.join(out_dir, 'ckpt.pt')):
+    raise SystemExit(f"error: {os.path.join(out_dir, 'ckpt.pt')} holds an earlier run: continue it with --init_from=resume, "
+                     "write this run to another --out_dir, or replace it with --overwrite=True")
 
 # -----------------------------------------------------------------------------
 # Processes and devices: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
@@ -131,13 +180,14 @@ else:  # torch's default, a thread per core in every process, oversubscribes the
     torch.set_num_threads(cpu_threads or max(1, (os.cpu_count() or 1) // local_world_size))
 if dtype == 'auto':
     dtype = 'bfloat16' if device_type == 'cuda' and torch.cuda.is_bf16_supported() else 'float32'
-if dtype not in ('bfloat16', 'float32'):
-    raise SystemExit(f"error: dtype={dtype!r}: use 'bfloat16' (autocast, fp32 weights) or 'float32'")
 autocast = torch.autocast(device_type, dtype=torch.bfloat16) if dtype == 'bfloat16' else nullcontext()
 
 # The demo's data is built on first use, by rank 0 before the others can join the process group
 if master and data_dir == DEFAULT_DATA_DIR and not os.path.isfile(os.path.join(data_dir, 'prepare.json')):
-    prepare(out_dir=data_dir)
+    try:
+        prepare(out_dir=data_dir)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
 if ddp:
     dist.init_process_group(backend='nccl' if device_type == 'cuda' else 'gloo')
 torch.manual_seed(seed)
@@ -188,17 +238,40 @@ def get_batch(data, start):
 # Model and optimizer
 
 
+@contextmanager
+def out_of_memory_is_one_line(doing):
+    """Running out of memory while `doing` stops the run with one line: what ran, and what to change."""
+    try:
+        yield
+    except RuntimeError as e:  # torch.OutOfMemoryError is one; the CPU allocator raises a plain RuntimeError
+        if not (isinstance(e, torch.OutOfMemoryError) or 'out of memory' in str(e) or "can't allocate memory" in str(e)):
+            raise
+        what = f"model={model}" if init_from == 'scratch' else f"the model from {out_dir if init_from == 'resume' else init_from}"
+        ranks = f" on each of {world_size} ranks" if ddp else ''
+        raise SystemExit(f"error: out of memory on {device} {doing} ({what}, micro_batch_size={micro_batch_size}, "
+                         f"block_size={block_size}{ranks}): lower --micro_batch_size (batch_size={batch_size} stays: more "
+                         "micro-steps add up to it), shorten --block_size, or spread the batch over more ranks "
+                         f"(torchrun --nproc_per_node=N); {kept()}") from None
+
+
 start_step, position = 0, 0  # optimizer steps done and windows consumed
 linearize = False  # a softmax checkpoint becoming DiJiang
 if init_from == 'scratch':
     # pad the vocab to a multiple of 128, as GPT-NeoX does (Pythia's 50277 tokens -> 50304)
     vocab_size = -(-train_data.vocab_size // 128) * 128
-    config = GPTConfig.named(model, attention=attention, form=form, feature_map=feature_map, feature_seed=feature_seed,
-                             block_size=block_size, vocab_size=vocab_size)
-    gpt = GPT(config)
+    try:
+        config = GPTConfig.named(model, attention=attention, form=form, feature_map=feature_map, feature_seed=feature_seed,
+                                 block_size=block_size, vocab_size=vocab_size)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    with out_of_memory_is_one_line('building the model'):
+        gpt = GPT(config)
     model_tokenizer, fix = train_data.tokenizer, ''
 elif init_from == 'resume':
-    gpt = GPT.from_checkpoint(out_dir)
+    try:
+        gpt = GPT.from_checkpoint(out_dir)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
     start_step, position = resumed['step'], resumed['data_position']
     model_tokenizer = resumed['tokenizer']
     fix = f"resume on the data the run used ({resumed['settings']['data_dir']}), or start a new out_dir"
@@ -206,10 +279,13 @@ else:
     ckpt_path = os.path.join(init_from, 'ckpt.pt')
     if not os.path.isfile(ckpt_path):
         raise SystemExit(f"error: init_from={init_from}: no ckpt.pt there; pass 'scratch', 'resume' or a convert.py directory")
-    pretrained = torch.load(ckpt_path, map_location='cpu', mmap=True, weights_only=True)
+    try:
+        pretrained = load_checkpoint(init_from)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
     # attention='dijiang' on a softmax checkpoint linearizes it (the paper's Algorithm 1): every
     # pretrained weight is kept, and the new gate, GroupNorm and P start from the released code's init
-    linearize = pretrained['config']['attention'] == 'softmax' and attention == 'dijiang'
+    linearize = pretrained['config'].get('attention') == 'softmax' and attention == 'dijiang'
     if linearize and transfer_tokens > 0 and block_size > pretrained['config']['block_size']:
         raise SystemExit(f"error: block_size={block_size} is longer than the softmax teacher's context "
                          f"({pretrained['config']['block_size']}) that the attention transfer reads: lower --block_size")
@@ -221,7 +297,10 @@ else:
     # the model's tokenizer: named in a train.py checkpoint, or the tokenizer.json beside a convert.py one
     model_tokenizer = pretrained.get('tokenizer')
     if model_tokenizer is None and os.path.isfile(os.path.join(init_from, 'tokenizer.json')):
-        model_tokenizer = Tokenizer.from_dir(init_from).identity
+        try:
+            model_tokenizer = Tokenizer.from_dir(init_from).identity
+        except ValueError as e:
+            raise SystemExit(f"error: {e}")
     fix = f"tokenize with python data/prepare.py --tokenizer={init_from} ..."
     del pretrained
 if transfer_tokens < 0 or (transfer_tokens > 0 and init_from != 'resume' and not linearize):
@@ -239,7 +318,8 @@ if train_data.tokenizer != 'bytes' and not os.path.isfile(tokenizer_json):
 if config.attention == 'softmax' and block_size > config.block_size:
     raise SystemExit(f"error: block_size={block_size} is longer than this softmax model's context "
                      f"({config.block_size}): lower --block_size, or train it as --attention=dijiang")
-gpt.to(device=device, dtype=torch.float32)  # fp32 weights (a converted checkpoint may hold bf16); autocast computes in bf16
+with out_of_memory_is_one_line('placing the model'):
+    gpt.to(device=device, dtype=torch.float32)  # fp32 weights (a converted checkpoint may hold bf16); autocast computes in bf16
 
 # AdamW; weight decay on matrices (linear weights, embeddings), not on norms, biases or gains
 decay_params = [p for p in gpt.parameters() if p.dim() >= 2]
@@ -248,13 +328,18 @@ optimizer = torch.optim.AdamW([dict(params=decay_params, weight_decay=weight_dec
                                dict(params=other_params, weight_decay=0.0)],
                               lr=lr, betas=betas, fused=device_type == 'cuda')
 if resumed is not None:
-    optimizer.load_state_dict(resumed['optimizer'])
-    rng = resumed['rng']
-    torch.set_rng_state(rng['torch'])
-    if device_type == 'cuda' and len(rng['cuda']) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(rng['cuda'])
-    np.random.set_state((rng['numpy'][0], rng['numpy'][1].numpy().astype(np.uint32), *rng['numpy'][2:]))
-    random.setstate(rng['python'])
+    try:
+        optimizer.load_state_dict(resumed['optimizer'])
+        rng = resumed['rng']
+        torch.set_rng_state(rng['torch'])
+        if device_type == 'cuda' and len(rng['cuda']) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(rng['cuda'])
+        np.random.set_state((rng['numpy'][0], rng['numpy'][1].numpy().astype(np.uint32), *rng['numpy'][2:]))
+        random.setstate(rng['python'])
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
+        raise SystemExit(f"error: {os.path.join(out_dir, 'ckpt.pt')}: its optimizer or random state does not fit the "
+                         f"model ({type(e).__name__}): the file is damaged; restore it, or start again with "
+                         "--init_from=scratch --overwrite=True") from None
     del resumed
 
 eval_model = torch.compile(gpt) if compile else gpt
@@ -281,6 +366,7 @@ def mean_over_ranks(value):
     return value.item()
 
 
+@out_of_memory_is_one_line('in a training step')
 def train_step(position):
     """One optimizer step on the batch_size tokens starting at window `position`. Returns the loss
     and the gradient norm (before clipping), both averaged over the ranks."""
@@ -298,6 +384,7 @@ def train_step(position):
 
 
 @torch.no_grad()
+@out_of_memory_is_one_line('evaluating')
 def evaluate(data):
     """Mean loss over the first eval_iters * world_size micro-batches of a val split: the same tokens every time."""
     eval_model.eval()
@@ -383,6 +470,7 @@ def transfer_parameters(model):
             for p in part.parameters()]
 
 
+@out_of_memory_is_one_line('in the attention transfer')
 def transfer_attention(position):
     """transfer_iters steps of batch_size train tokens from window `position` on, read as the main loop
     reads them (rank-strided micro-steps); logs the mean per-layer MSE. Returns the new position."""
@@ -422,7 +510,7 @@ def transfer_attention(position):
         position += windows_per_step
         if master:
             log(dict(step=0, transfer_step=t + 1, transfer_mse=mse, lr=step_lr, grad_norm=grad_norm,
-                     tokens_per_s=batch_size / (time.time() - t0)))
+                     tokens_per_s=batch_size / max(time.time() - t0, 1e-9)))
     return position
 
 # -----------------------------------------------------------------------------
@@ -430,25 +518,58 @@ def transfer_attention(position):
 
 
 log_path = os.path.join(out_dir, 'log.jsonl')
-if master:
+
+
+def log_lines_up_to(path, last_step):
+    """The lines of an earlier log for steps up to last_step, the ones the checkpoint holds. A torn
+    last line (a crash while it was being written) is dropped; any other line that is not a log row
+    stops the run, before anything is written."""
+    with open(path, encoding='utf-8', errors='replace') as f:
+        lines = f.readlines()
+    kept_lines = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            step = json.loads(line)['step']
+        except (ValueError, KeyError, TypeError):
+            step = None
+        if not is_number(step):
+            if number == len(lines):
+                print(f"note: {path}: its last line was cut short (a crash while it was written): dropped")
+                break
+            raise SystemExit(f"error: {path}, line {number}: not a log row (a JSON object with a 'step'): "
+                             "delete that line, or the whole log, and resume again")
+        if step <= last_step:
+            kept_lines.append(line if line.endswith('\n') else line + '\n')
+    return kept_lines
+
+
+def json_line(row):
+    """A log row as one line of strict JSON: a value that is not finite (nan, inf) is written as null."""
+    row = {key: None if isinstance(value, float) and not math.isfinite(value) else value for key, value in row.items()}
+    return json.dumps(row, allow_nan=False) + '\n'
+
+
+if master and not eval_only:  # eval_only writes nothing
+    # keep the log of the steps the checkpoint holds, drop any logged after it
+    rows = log_lines_up_to(log_path, start_step) if start_step > 0 and os.path.isfile(log_path) else []
     os.makedirs(out_dir, exist_ok=True)
     if train_data.tokenizer != 'bytes':  # the model's tokenizer goes with its checkpoints
         atomic_write(os.path.join(out_dir, 'tokenizer.json'), lambda tmp: shutil.copyfile(tokenizer_json, tmp))
-    # keep the log of the steps the checkpoint holds, drop any logged after it
-    rows = []
-    if start_step > 0 and os.path.isfile(log_path):
-        with open(log_path) as f:
-            rows = [line for line in f if json.loads(line)['step'] <= start_step]
     with open(log_path, 'w') as f:
         f.writelines(rows)
+if master:
     print(f"{gpt.num_params() / 1e6:.2f}M parameters, {config.attention} attention ({config.form}), "
           f"{init_from}; {data_dir}: {train_data.num_tokens:,} train tokens ({train_data.tokenizer})")
     print(f"{max_iters} steps of {batch_size:,} tokens = {world_size} ranks * {accumulation} micro-steps * "
           f"{micro_batch_size} * {block_size}; {device}, {dtype}, from step {start_step}")
     if transfer_iters and start_step == 0:
         print(f"first, {transfer_iters} steps of attention transfer from {init_from} ({transfer_iters * batch_size:,} tokens)")
+# the ranks share stdout: each rank's line goes out in one write, its newline included (print would write
+# the newline separately when Python's output is unbuffered, and another rank's line could come between)
 print(f"rank {rank}/{world_size}: first micro-batch = train windows {window_start(position, 0)}.."
-      f"{window_start(position, 0) + micro_batch_size - 1}", flush=True)
+      f"{window_start(position, 0) + micro_batch_size - 1}\n", end='', flush=True)
 
 
 def log(row):
@@ -457,7 +578,7 @@ def log(row):
                  f"lr {row['lr']:.2e}", f"grad norm {row['grad_norm']:.3f}", f"{row['tokens_per_s']:,.0f} tok/s"]
         print(' | '.join(parts), flush=True)
         with open(log_path, 'a') as f:
-            f.write(json.dumps(row) + '\n')
+            f.write(json_line(row))
         return
     parts = [f"step {row['step']:>5}/{max_iters}"]
     if 'loss' in row:
@@ -471,10 +592,9 @@ def log(row):
                   f"MFU {100 * row['mfu']:.2f}%", f"peak mem {row['peak_mem_mib']:,.0f} MiB"]
     print(' | '.join(parts), flush=True)
     with open(log_path, 'a') as f:
-        f.write(json.dumps(row) + '\n')
+        f.write(json_line(row))
 
 
-last_saved = start_step if init_from == 'resume' else None
 flops_per_token = gpt.flops_per_token(block_size)
 if eval_only:
     losses = evaluate_splits()
@@ -512,11 +632,12 @@ for step in range(start_step + 1, max_iters + 1):
         row.update(evaluate_splits())
         if not math.isfinite(row['val_loss']):
             stop_non_finite('val loss', row['val_loss'], step)
-        if master:
-            save_checkpoint(step, position)
-        last_saved = step
+        with interrupts_deferred():  # a Ctrl-C now stops the run once the checkpoint is whole and counted
+            if master:
+                save_checkpoint(step, position)
+            last_saved = step
     if master and (step % log_interval == 0 or 'val_loss' in row):
-        tokens_per_s = batch_size * steps_timed / step_seconds
+        tokens_per_s = batch_size * steps_timed / max(step_seconds, 1e-9)
         row.update(tokens_per_s=tokens_per_s, mfu=flops_per_token * tokens_per_s / (peak_flops * world_size),
                    peak_mem_mib=peak_memory_mib())
         log(row)
@@ -524,6 +645,6 @@ for step in range(start_step + 1, max_iters + 1):
 
 # every rank reports a checksum of its final weights: under DDP they must all be the same
 checksum = sum(p.detach().double().sum().item() for p in gpt.parameters())
-print(f"rank {rank}/{world_size}: final weights checksum {checksum!r}", flush=True)  # one write: ranks share stdout
+print(f"rank {rank}/{world_size}: final weights checksum {checksum!r}\n", end='', flush=True)  # one write, as above
 if ddp:
     dist.destroy_process_group()

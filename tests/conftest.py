@@ -4,8 +4,10 @@ Tolerances throughout are relative errors ||x - ref|| / ||ref||: fp32 against fl
 1e-7 over a few thousand terms (tests allow 1e-5); bf16 inputs and bf16 matrix products, 1e-2.
 """
 import os
+import signal
 import sys
 
+import pytest
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,3 +39,11 @@ def reference_attention(q, k, v, proj, decay, initial_state=None):
         o = o + torch.einsum('bnhd,bhde->bnhe', phi_q * from_start, s0)
         final = final + gamma[None, :, None, None] ** T * s0
     return o, final
+
+
+@pytest.fixture(autouse=True)
+def keep_the_sigint_handler():
+    """Scripts run in this process (runpy) install their own Ctrl-C handler: put pytest's back after each test."""
+    handler = signal.getsignal(signal.SIGINT)
+    yield
+    signal.signal(signal.SIGINT, handler)

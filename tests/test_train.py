@@ -175,7 +175,7 @@ def test_checkpoint_loads_and_errors_are_clear(data_dir, halfway, tmp_path):
     with pytest.raises(SystemExit, match="unknown argument '--learning_rate=1'"):
         train('--learning_rate=1')
     with pytest.raises(SystemExit, match='no prepared data'):
-        train(f'--data_dir={tmp_path / "nothing"}')
+        train(f'--data_dir={tmp_path / "nothing"}', f'--out_dir={tmp_path / "x"}')
 
 
 def test_fine_tune_linearizes_a_softmax_checkpoint(data_dir, tmp_path):
