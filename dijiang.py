@@ -512,17 +512,27 @@ class GPT(nn.Module):
         form='recurrent'; attention='dijiang' on a softmax checkpoint linearizes it (the paper's
         method): every pretrained weight is kept, and the DiJiang-only parts keep their fresh init."""
         ckpt = load_checkpoint(path)
+        ckpt_path = os.path.join(path, 'ckpt.pt')
         known = {f.name for f in fields(GPTConfig)}
         unknown = sorted(set(overrides) - known)
         if unknown:
             raise ValueError(f"unknown config field(s) {', '.join(unknown)}: choose from {', '.join(sorted(known))}")
-        config = GPTConfig(**{**ckpt['config'], **overrides})
-        linearize = ckpt['config']['attention'] == 'softmax' and config.attention == 'dijiang'
+        stored_unknown = sorted(set(ckpt['config']) - known)
+        if stored_unknown:
+            raise ValueError(f"{ckpt_path}: its config has field(s) this code does not know ({', '.join(stored_unknown)}): "
+                             "it was written by another version of this code")
+        config = GPTConfig(**{**ckpt['config'], **overrides})  # a bad override's ValueError names it
+        linearize = ckpt['config'].get('attention', 'dijiang') == 'softmax' and config.attention == 'dijiang'
         # built on the meta device, then given the memory-mapped weights: a big model is held once
         # (a linearized one is built for real, since its new parts are not in the checkpoint)
-        with torch.device('cpu' if linearize else 'meta'):
-            model = cls(config)
-        missing, unexpected = model.load_state_dict(ckpt['model'], strict=False, assign=True)
+        try:  # a config field of the wrong type or a weight of another shape: a damaged or foreign file
+            with torch.device('cpu' if linearize else 'meta'):
+                model = cls(config)
+            missing, unexpected = model.load_state_dict(ckpt['model'], strict=False, assign=True)
+        except (TypeError, ZeroDivisionError, RuntimeError) as e:
+            detail = str(e).strip().splitlines()[-1].strip()[:200] if str(e).strip() else type(e).__name__
+            raise ValueError(f"{ckpt_path}: its weights and config do not make a model ({detail}): the file is damaged "
+                             "or was not written by train.py or convert.py") from None
         missing = [key for key in missing if not (linearize and key.endswith(DIJIANG_ONLY_KEYS))]
         if missing or unexpected:
             raise ValueError(f"{path}/ckpt.pt does not match the config (attention={config.attention!r}): missing "
@@ -540,7 +550,8 @@ def load_checkpoint(path):
     except Exception as e:  # random bytes, a truncated file, an old pickle: torch names each differently
         raise ValueError(f"{ckpt_path} is not a readable checkpoint ({type(e).__name__}): it is damaged or "
                          "was not written by train.py or convert.py; restore it or write it again") from None
-    if not isinstance(ckpt, dict) or not {'config', 'model'} <= set(ckpt):
+    if not isinstance(ckpt, dict) or not {'config', 'model'} <= set(ckpt) or \
+            not isinstance(ckpt['config'], dict) or not isinstance(ckpt['model'], dict):
         raise ValueError(f"{ckpt_path} is not a dijiang checkpoint (no config and model entries): "
                          "write it with train.py or convert.py")
     return ckpt
