@@ -11,7 +11,7 @@ Input: JSON lines with a "text" field, as the Pile ships them: .jsonl, .jsonl.zs
 corpus from text that every Python installation carries, with a "meta" field on each line saying
 where the text came from, chosen by --corpus:
 
-    stdlib    (the default) a few MB: the pydoc help topics and stdlib module sources, written as
+    stdlib    (the default) a few MB of the stdlib's module sources (code only), written as
               data/stdlib/stdlib.jsonl.
     packages  about 160 MB, enough to train on without repeating: the .py files of every installed
               package and of the stdlib (no tests), and the pydoc help topics, one document per file,
@@ -68,7 +68,7 @@ shard_tokens = 100_000_000  # tokens per shard file (200 MB in uint16)
 val_every = 0  # every val_every-th document goes to the val split; 0: every 10th for the stdlib corpus (a few hundred
                # documents, so that val holds ~400K tokens), every 50th otherwise (the packages corpus, --input)
 num_workers = os.cpu_count()  # tokenizer processes
-corpus = 'stdlib'  # the built-in corpus: 'stdlib' (pydoc topics, stdlib sources) or 'packages' (every installed .py file)
+corpus = 'stdlib'  # the built-in corpus: 'stdlib' (stdlib sources) or 'packages' (every installed .py file, pydoc topics)
 corpus_mb = 0.0  # size of the built-in corpus, in MB of text; 0 means the corpus's own: 4 for stdlib, 160 for packages
 ood_package = 'networkx'  # packages: this top-level package is held out whole as the val_ood split, in neither train nor val;
                           # if it is not installed, the largest one that fits whole in ood_mb (else the largest one)
@@ -95,19 +95,17 @@ EOT_TEXT = '<|endoftext|>'
 
 
 def build_default_corpus(path, max_bytes):
-    """Write a Pile-format JSON lines file of text shipped with Python: all pydoc help topics, then
-    stdlib modules (no tests) in a seeded random order until max_bytes. Documents are shuffled so the
-    train split mixes prose and code from its first step. Returns the documents as (source, bytes of
-    text), in the order written."""
-    from pydoc_data.topics import topics  # the language reference, as `help('topic')` shows it
+    """Write a Pile-format JSON lines file of the stdlib's module sources (no tests), in a seeded random
+    order, until max_bytes. Code only: a small model trained on a few MB of it writes recognizable
+    Python, where prose mixed in leaves it between the two. Returns the documents as (source, bytes
+    of text), in the order written."""
     label = dict(pile_set_name=f'Python {platform.python_version()} stdlib (dijiang default corpus)')
-    docs = [dict(text=text, meta=dict(label, source=f'pydoc_data.topics[{name!r}]'))
-            for name, text in sorted(topics.items())]
+    docs = []
     stdlib = sysconfig.get_paths()['stdlib']
     modules = sorted(p for p in glob.glob(os.path.join(stdlib, '**', '*.py'), recursive=True)
                      if not set(os.path.relpath(p, stdlib).split(os.sep)[:-1]) & set(SKIP_FOLDERS))
     random.Random(0).shuffle(modules)
-    size = sum(len(doc['text']) for doc in docs)
+    size = 0
     for module in modules:
         if size >= max_bytes:
             break
@@ -115,7 +113,6 @@ def build_default_corpus(path, max_bytes):
             text = f.read()
         docs.append(dict(text=text, meta=dict(label, source=f'Lib/{os.path.relpath(module, stdlib)}')))
         size += len(text)
-    random.Random(1).shuffle(docs)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     atomic_write_text(path, ''.join(json.dumps(doc) + '\n' for doc in docs))
     return [(doc['meta']['source'], len(doc['text'].encode('utf-8'))) for doc in docs]
@@ -398,7 +395,7 @@ def build_corpus(corpus, corpus_mb, val_every, ood_package, ood_mb, roots):
                          "means the corpus's own size)")
     max_bytes = int((corpus_mb or CORPUS_MB[corpus]) * 1e6)
     if corpus == 'stdlib':
-        print(f"building the stdlib corpus (Python's pydoc topics and stdlib sources) in {DEFAULT_CORPUS}")
+        print(f"building the stdlib corpus (the stdlib's module sources) in {DEFAULT_CORPUS}")
         documents = build_default_corpus(DEFAULT_CORPUS, max_bytes)
         print(f"{len(documents)} documents, {os.path.getsize(DEFAULT_CORPUS) / 1e6:.1f} MB")
         record, held_out = dict(corpus=corpus), {}
