@@ -14,14 +14,15 @@ stdout gets the text only: each sample is the prompt followed by what the model 
 are separated by a line of dashes. What was loaded and how fast it decoded go to stderr.
 """
 
+import math
 import os
 import sys
 import time
 
 import torch
 
-from configurator import parse_settings, settings_help
-from dijiang import GPT
+from configurator import check, check_device, interrupted, parse_settings, settings_help
+from dijiang import GPT, load_checkpoint
 from fast.cuda_graph_decode import CUDAGraphDecoder
 from tokenizer import Tokenizer
 
@@ -49,7 +50,10 @@ def load_tokenizer(out_dir, ckpt):
     if ckpt.get('tokenizer') == 'bytes':
         return Tokenizer.bytes()
     if os.path.isfile(os.path.join(out_dir, 'tokenizer.json')):
-        return Tokenizer.from_dir(out_dir)
+        try:
+            return Tokenizer.from_dir(out_dir)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}")
     raise SystemExit(f"error: {out_dir} has no tokenizer.json and its ckpt.pt does not say tokenizer='bytes': "
                      f"copy the model's tokenizer.json (e.g. from its Pythia download) into {out_dir}")
 
@@ -60,8 +64,14 @@ def read_prompt(start):
     path = start.removeprefix('FILE:')
     if not os.path.isfile(path):
         raise SystemExit(f"error: --start=FILE:{path}: no such file")
-    with open(path, encoding='utf-8') as f:
-        return f.read()
+    try:
+        with open(path, encoding='utf-8') as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise SystemExit(f"error: --start=FILE:{path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+                         f"{e.start}): save the prompt as UTF-8") from None
+    except OSError as e:
+        raise SystemExit(f"error: --start=FILE:{path}: cannot be read ({e.strerror})") from None
 
 
 def human_bytes(n):
@@ -113,33 +123,43 @@ class TextStream:
         return text
 
 
-if __name__ == '__main__':
-    globals().update(parse_settings(sys.argv[1:], SETTINGS, settings_help(__file__)))
+def check_settings():
+    """Each setting on its own: the first bad one stops the run with one line that names it."""
+    check(math.isfinite(temperature) and temperature >= 0, 'temperature', temperature,
+          'give 0 (greedy) or more: below 1 sharpens the distribution, above 1 flattens it')
+    check(top_k >= 0, 'top_k', top_k, 'give 0 (all tokens) or more')
+    check(0 < top_p <= 1, 'top_p', top_p, 'give a number above 0, at most 1 (1 means all tokens)')
+    check(num_samples >= 1, 'num_samples', num_samples, 'give 1 or more')
+    check(max_new_tokens >= 1, 'max_new_tokens', max_new_tokens, 'give 1 or more')
+    check(0 <= seed < 2 ** 32, 'seed', seed, 'give a seed from 0 to 2**32 - 1')
+    check(dtype in ('auto', 'bfloat16', 'float16', 'float32'), 'dtype', dtype, "use 'auto', 'bfloat16', 'float16' or 'float32'")
+    check_device(device)
+
+
+def main():
+    global device, dtype
+    check_settings()
     if device == 'auto':
         device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    if device.startswith('cuda') and not torch.cuda.is_available():
-        raise SystemExit(f"error: device={device!r} but torch sees no CUDA GPU: use --device=cpu")
     if dtype == 'auto':
         dtype = 'bfloat16' if device.startswith('cuda') and torch.cuda.is_bf16_supported() else 'float32'
-    if dtype not in ('bfloat16', 'float16', 'float32'):
-        raise SystemExit(f"error: dtype={dtype!r}: use 'bfloat16', 'float16' or 'float32'")
-    if temperature < 0 or top_k < 0 or not 0 < top_p <= 1 or num_samples < 1 or max_new_tokens < 1:
-        raise SystemExit(f"error: temperature={temperature}, top_k={top_k}, top_p={top_p}, num_samples={num_samples}, "
-                         f"max_new_tokens={max_new_tokens}: need temperature >= 0, top_k >= 0, 0 < top_p <= 1 "
-                         f"and at least one sample of at least one token")
     torch.manual_seed(seed)
+    text = read_prompt(start)
 
     # model and tokenizer
     ckpt_path = os.path.join(out_dir, 'ckpt.pt')
     if not os.path.isfile(ckpt_path):
         raise SystemExit(f"error: no checkpoint at {ckpt_path}: pass --out_dir=DIR written by train.py or convert.py")
-    tokenizer = load_tokenizer(out_dir, torch.load(ckpt_path, map_location='cpu', mmap=True, weights_only=True))
-    model = GPT.from_checkpoint(out_dir)
+    try:
+        tokenizer = load_tokenizer(out_dir, load_checkpoint(out_dir))
+        model = GPT.from_checkpoint(out_dir)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
     config, torch_dtype = model.config, getattr(torch, dtype)
     model = model.to(device).to_dtype(torch_dtype).eval()
 
     # the prompt
-    prompt = tokenizer.encode(read_prompt(start))
+    prompt = tokenizer.encode(text)
     if not prompt:
         raise SystemExit("error: the prompt is empty: pass --start=TEXT or --start=FILE:path")
     if max(prompt) >= config.vocab_size:
@@ -176,3 +196,11 @@ if __name__ == '__main__':
         decode_rate = (max_new_tokens - 1) / (t_end - t_first) if max_new_tokens > 1 else float('nan')
         print(f"prompt {len(prompt)} tokens: {(t_first - t0) * 1000:.0f} ms to the first new token; then "
               f"{decode_rate:.1f} tokens/s over {max_new_tokens - 1} tokens", file=sys.stderr)
+
+
+if __name__ == '__main__':
+    globals().update(parse_settings(sys.argv[1:], SETTINGS, settings_help(__file__)))
+    try:
+        main()
+    except KeyboardInterrupt:
+        interrupted('sample.py writes no files: the text so far is on stdout')
