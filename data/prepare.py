@@ -27,9 +27,10 @@ tokens each (the last one shorter), every document followed by <|endoftext|> (as
 every val_every-th document goes to val. The packages corpus adds val_ood_000000.bin, ...: the
 held-out package. Then prepare.json (what was made, from what; for a built-in corpus also each split's
 files and bytes, so anyone can check that no file is in two splits) and, for Pythia's tokenizer, a copy
-of tokenizer.json. The shard format is in shards.py. Files are written whole to a temporary name and
-renamed, and prepare.json is written last, so an interrupted run leaves no corrupt shard, and
-train.py refuses a folder that has no prepare.json. Memory stays flat on inputs of any size: lines are
+of tokenizer.json. The shard format is in shards.py. A run writes everything into out_dir + '.tmp'
+first and swaps it in, prepare.json last, only once the whole dataset is there: bad input found
+halfway, a crash or a Ctrl-C leaves the dataset already in out_dir as it was (and train.py refuses a
+folder that has no prepare.json). Memory stays flat on inputs of any size: lines are
 read as a stream, at most a few batches are in flight to the worker processes, and tokens are held
 only until a shard is full; the packages corpus is written as its files are read, with only their
 paths held.
@@ -44,6 +45,8 @@ import multiprocessing
 import os
 import platform
 import random
+import shutil
+import signal
 import site
 import sys
 import sysconfig
@@ -55,7 +58,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, for dijiang
 from atomic import atomic_write, atomic_write_text  # noqa: E402
-from configurator import parse_settings, settings_help  # noqa: E402
+from configurator import interrupted, interrupts_deferred, parse_settings, settings_help  # noqa: E402
 from shards import token_dtype, write_shard  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
@@ -277,7 +280,15 @@ def read_batches(files):
         lines, raw = open_lines(path)
         with raw:
             batch, batch_bytes, first_line = [], 0, 1
-            for line_number, line in enumerate(lines, start=1):
+            numbered = enumerate(lines, start=1)
+            while True:
+                try:
+                    line_number, line = next(numbered)
+                except StopIteration:
+                    break
+                except Exception as e:  # OSError, or zstandard's ZstdError on a damaged .zst
+                    raise ValueError(f"{path}: cannot be read past line {first_line + len(batch)} ({e}): "
+                                     "the file is damaged; fetch it again") from None
                 if line.strip():
                     if not batch:
                         first_line = line_number
@@ -314,6 +325,9 @@ worker_tokenizer = None
 
 def init_worker(spec):
     global worker_tokenizer
+    # Ctrl-C reaches every process of the terminal's group: the parent stops the pool, and a worker
+    # that took it as KeyboardInterrupt would print a traceback of its own
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     worker_tokenizer = load_tokenizer(spec)
 
 
@@ -324,10 +338,14 @@ def tokenize_batch(task):
     texts = []
     for offset, line in enumerate(lines):
         try:
-            texts.append(json.loads(line)['text'])
+            text = json.loads(line)['text']
         except (ValueError, KeyError, TypeError):
             raise ValueError(f"{path}, line {first_line + offset}: not a JSON object with a 'text' field "
                              "(Pile format is one such object per line)") from None
+        if not isinstance(text, str):
+            raise ValueError(f"{path}, line {first_line + offset}: its 'text' is {json.dumps(text)[:40]}, not a "
+                             'string: each line needs {"text": "..."}')
+        texts.append(text)
     tok = worker_tokenizer
     dtype = token_dtype(tok.vocab_size)
     splits = ([], [])
@@ -370,14 +388,77 @@ class ShardWriter:
         self.total += len(tokens)
 
 
-def remove_old_output(out_dir):
-    """A new run replaces everything an earlier run (finished or not) left here."""
-    old = [os.path.join(out_dir, 'prepare.json'), os.path.join(out_dir, 'tokenizer.json')]
-    old += [path for split in ('train', 'val', 'val_ood') for path in glob.glob(os.path.join(out_dir, f'{split}_*.bin'))]
-    old += glob.glob(os.path.join(out_dir, '*.tmp*'))
-    for path in old:
-        if os.path.exists(path):
+def dataset_files(folder):
+    """The files of a dataset in folder, prepare.json first (the folder reads as unfinished without it),
+    and any temporary files a crashed write left."""
+    files = [os.path.join(folder, 'prepare.json'), os.path.join(folder, 'tokenizer.json')]
+    files += [path for split in ('train', 'val', 'val_ood') for path in sorted(glob.glob(os.path.join(folder, f'{split}_*.bin')))]
+    files += sorted(glob.glob(os.path.join(folder, '*.tmp*')))
+    return [path for path in dict.fromkeys(files) if os.path.isfile(path)]  # val_*.bin also matches val_ood_*.bin
+
+
+def remove_unfinished(build_dir):
+    """Remove what a run that was stopped (killed, or the machine went down) left in build_dir, the
+    folder a run writes into before its dataset is swapped in: it holds a dataset's files alone, so
+    anything else there is not ours to delete."""
+    if not os.path.lexists(build_dir):
+        return
+    ours = set(dataset_files(build_dir))
+    others = [name for name in os.listdir(build_dir) if os.path.join(build_dir, name) not in ours] \
+        if os.path.isdir(build_dir) and not os.path.islink(build_dir) else [os.path.basename(build_dir)]
+    if others:
+        raise ValueError(f"{build_dir}, where this run builds its shards before they replace the old ones, holds "
+                         f"{others[0]}, which data/prepare.py did not write: move it away, or pick another --out_dir")
+    shutil.rmtree(build_dir)
+
+
+def swap_in(build_dir, out_dir):
+    """Replace the dataset in out_dir by the finished one in build_dir: the old prepare.json goes first
+    (the folder reads as unfinished meanwhile), then the old shards and tokenizer.json; the new files are
+    renamed in with prepare.json last. Other files in out_dir stay; a Ctrl-C waits till this is done."""
+    os.makedirs(out_dir, exist_ok=True)
+    with interrupts_deferred():
+        for path in dataset_files(out_dir):
             os.remove(path)
+        for name in sorted(os.listdir(build_dir), key=lambda name: name == 'prepare.json'):
+            os.replace(os.path.join(build_dir, name), os.path.join(out_dir, name))
+
+
+def tokenize(streams, tok, tokenizer, build_dir, shard_tokens, num_workers, out_dir):
+    """Tokenize the streams into shards in build_dir. Returns (documents, the ShardWriters by split, start time)."""
+    splits = dict.fromkeys(split for stream in streams for split in (stream.train, stream.val))
+    writers = {split: ShardWriter(build_dir, split, shard_tokens, tok.vocab_size, tok.identity) for split in splits}
+    # Pool.imap would read the whole input ahead into its task queue; a semaphore keeps at most a few
+    # batches in flight, taken when a batch is handed out and given back when its tokens are written.
+    in_flight = threading.Semaphore(2 * num_workers)
+
+    def tasks(stream):
+        for batch in read_batches(stream.files):
+            in_flight.acquire()
+            yield *batch, stream.val_every
+
+    start, documents = time.time(), 0
+    files = [path for stream in streams for path in stream.files]
+    total_bytes = sum(os.path.getsize(path) for path in files)
+    # the progress bar shows on a terminal only (not in a log), and a run that fails takes it away, so
+    # that its error is the one line left on stderr
+    with multiprocessing.Pool(num_workers, initializer=init_worker, initargs=(tokenizer,)) as pool, \
+            tqdm(total=total_bytes, unit='B', unit_scale=True, desc=f"tokenizing into {out_dir}", disable=None) as progress:
+        try:
+            for stream in streams:
+                bytes_before = progress.n  # of the streams before this one
+                for train_tokens, val_tokens, batch_documents, bytes_read in pool.imap(tokenize_batch, tasks(stream)):
+                    writers[stream.train].add(train_tokens)
+                    writers[stream.val].add(val_tokens)
+                    documents += batch_documents
+                    progress.update(bytes_before + bytes_read - progress.n)
+                    in_flight.release()
+        except BaseException:
+            progress.leave = False
+            raise
+    for writer in writers.values():
+        writer.close()
+    return documents, writers, start
 
 
 # JSON lines files to tokenize, and where their documents go: document i (counted from the first file's
@@ -423,9 +504,10 @@ def prepare(input='', tokenizer='', out_dir='', shard_tokens=shard_tokens, val_e
     """Tokenize input (or a built-in corpus) into out_dir. Returns out_dir. Bad input raises ValueError.
     roots (name -> folder) builds the packages corpus from those folders instead of the installed ones."""
     val_every = val_every or (10 if not input and corpus == 'stdlib' else 50)
-    if val_every < 2 or shard_tokens < 1 or num_workers < 1:
-        raise ValueError(f"val_every={val_every}, shard_tokens={shard_tokens}, num_workers={num_workers}: "
-                         "need val_every >= 2 and the others >= 1")
+    for name, value, least in (('val_every', val_every, 2), ('shard_tokens', shard_tokens, 1),
+                               ('num_workers', num_workers, 1)):
+        if value < least:
+            raise ValueError(f"{name}={value}: give {least} or more" + (" (0 picks the corpus's own)" if name == 'val_every' else ''))
     corpus_record, split_files = {}, {}  # of a built-in corpus
     if not input:
         streams, corpus_record, split_files = build_corpus(corpus, corpus_mb, val_every, ood_package, ood_mb, roots)
@@ -439,48 +521,40 @@ def prepare(input='', tokenizer='', out_dir='', shard_tokens=shard_tokens, val_e
     if not out_dir:
         name = os.path.basename(os.path.normpath(input)).split('.')[0]
         out_dir = os.path.join('data', f"{name}-{tok.identity.split('-')[0]}")
-    os.makedirs(out_dir, exist_ok=True)
-    remove_old_output(out_dir)
-
-    splits = dict.fromkeys(split for stream in streams for split in (stream.train, stream.val))
-    writers = {split: ShardWriter(out_dir, split, shard_tokens, tok.vocab_size, tok.identity) for split in splits}
-    # Pool.imap would read the whole input ahead into its task queue; a semaphore keeps at most a few
-    # batches in flight, taken when a batch is handed out and given back when its tokens are written.
-    in_flight = threading.Semaphore(2 * num_workers)
-
-    def tasks(stream):
-        for batch in read_batches(stream.files):
-            in_flight.acquire()
-            yield *batch, stream.val_every
-
-    start, documents = time.time(), 0
-    files = [path for stream in streams for path in stream.files]
-    total_bytes = sum(os.path.getsize(path) for path in files)
-    with multiprocessing.Pool(num_workers, initializer=init_worker, initargs=(tokenizer,)) as pool, \
-            tqdm(total=total_bytes, unit='B', unit_scale=True, desc=f"tokenizing into {out_dir}") as progress:
-        for stream in streams:
-            bytes_before = progress.n  # of the streams before this one
-            for train_tokens, val_tokens, batch_documents, bytes_read in pool.imap(tokenize_batch, tasks(stream)):
-                writers[stream.train].add(train_tokens)
-                writers[stream.val].add(val_tokens)
-                documents += batch_documents
-                progress.update(bytes_before + bytes_read - progress.n)
-                in_flight.release()
-    for writer in writers.values():
-        writer.close()
-
-    if tokenizer != 'bytes':  # train.py copies it next to the checkpoints it writes
-        tokenizer_json = os.path.join(tokenizer, 'tokenizer.json') if os.path.isdir(tokenizer) else tokenizer
-        with open(tokenizer_json, 'rb') as f:
-            content = f.read()
-        atomic_write(os.path.join(out_dir, 'tokenizer.json'), lambda tmp: open(tmp, 'wb').write(content))
-    split_summaries = {split: dict(tokens=w.total, shards=w.shards) for split, w in writers.items()}
-    for split, docs in split_files.items():  # every file by split, so anyone can check that none is in two
-        split_summaries[split].update(bytes=sum(size for _, size in docs), files=[name for name, _ in docs])
-    summary = dict(input=[os.path.abspath(p) for p in files], **corpus_record, tokenizer=tok.identity,
-                   vocab_size=tok.vocab_size, eot_token=tok.eot_token, documents=documents, val_every=val_every,
-                   **split_summaries, seconds=round(time.time() - start, 1), date=time.strftime('%Y-%m-%d %H:%M:%S'))
-    atomic_write_text(os.path.join(out_dir, 'prepare.json'), json.dumps(summary, indent=2) + '\n')
+    # Everything is written to build_dir first and swapped in when whole: bad input found halfway, a
+    # crash or a Ctrl-C leaves the dataset already in out_dir as it was (a crash also leaves build_dir,
+    # which the next run removes)
+    build_dir = os.path.normpath(out_dir) + '.tmp'
+    remove_unfinished(build_dir)
+    os.makedirs(build_dir)
+    had_data, swapped = os.path.isfile(os.path.join(out_dir, 'prepare.json')), False
+    try:
+        documents, writers, start = tokenize(streams, tok, tokenizer, build_dir, shard_tokens, num_workers, out_dir)
+        files = [path for stream in streams for path in stream.files]
+        if documents == 0:
+            raise ValueError(f"{', '.join(files)}: no documents (the input is empty, or blank lines only): "
+                             "point --input at JSON lines with a 'text' field")
+        if writers['train'].total == 0:
+            raise ValueError(f"{', '.join(files)}: all {documents} document(s) went to val (every {val_every}th "
+                             "does), so train would be empty: use more documents")
+        if tokenizer != 'bytes':  # train.py copies it next to the checkpoints it writes
+            tokenizer_json = os.path.join(tokenizer, 'tokenizer.json') if os.path.isdir(tokenizer) else tokenizer
+            shutil.copyfile(tokenizer_json, os.path.join(build_dir, 'tokenizer.json'))
+        split_summaries = {split: dict(tokens=w.total, shards=w.shards) for split, w in writers.items()}
+        for split, docs in split_files.items():  # every file by split, so anyone can check that none is in two
+            split_summaries[split].update(bytes=sum(size for _, size in docs), files=[name for name, _ in docs])
+        summary = dict(input=[os.path.abspath(p) for p in files], **corpus_record, tokenizer=tok.identity,
+                       vocab_size=tok.vocab_size, eot_token=tok.eot_token, documents=documents, val_every=val_every,
+                       **split_summaries, seconds=round(time.time() - start, 1), date=time.strftime('%Y-%m-%d %H:%M:%S'))
+        atomic_write_text(os.path.join(build_dir, 'prepare.json'), json.dumps(summary, indent=2) + '\n')
+        swap_in(build_dir, out_dir)
+        swapped = True
+    except KeyboardInterrupt:  # the line data/prepare.py prints
+        raise KeyboardInterrupt(f"{out_dir} holds the new dataset, finished just before" if swapped else
+                                f"{out_dir} is as it was ({'its dataset kept' if had_data else 'no dataset written'}); "
+                                "run the same command again") from None
+    finally:
+        shutil.rmtree(build_dir, ignore_errors=True)
     tokens = ' and '.join(f"{w.total:,} {split}" for split, w in writers.items())
     print(f"{documents} documents -> {tokens} tokens ({tok.identity}) in {out_dir}, {time.time() - start:.1f}s")
     return out_dir
@@ -489,7 +563,10 @@ def prepare(input='', tokenizer='', out_dir='', shard_tokens=shard_tokens, val_e
 if __name__ == '__main__':
     settings = dict(input=input, tokenizer=tokenizer, out_dir=out_dir, shard_tokens=shard_tokens, val_every=val_every,
                     num_workers=num_workers, corpus=corpus, corpus_mb=corpus_mb, ood_package=ood_package, ood_mb=ood_mb)
+    overrides = parse_settings(sys.argv[1:], settings, settings_help(__file__))
     try:
-        prepare(**{**settings, **parse_settings(sys.argv[1:], settings, settings_help(__file__))})
+        prepare(**{**settings, **overrides})
     except ValueError as e:
         raise SystemExit(f"error: {e}")
+    except KeyboardInterrupt as e:
+        interrupted(str(e) or 'nothing was changed; run the same command again')

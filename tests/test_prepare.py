@@ -155,25 +155,41 @@ def test_damaged_or_foreign_shards_are_refused(tmp_path):
         shards.Shards(out_dir, 'val', 10_000)
 
 
-def test_interrupted_run_leaves_no_corrupt_shard(tmp_path, monkeypatch):
+def folder_bytes(folder):
+    return {name: open(os.path.join(folder, name), 'rb').read() for name in sorted(os.listdir(folder))}
+
+
+def test_failed_run_leaves_the_old_dataset_intact(tmp_path, monkeypatch):
     monkeypatch.setattr(prep, 'BATCH_BYTES', 100)
     good = write_jsonl(tmp_path / 'good.jsonl', DOCS)
     out_dir = prep.prepare(input=good, tokenizer='bytes', out_dir=str(tmp_path / 'out'), shard_tokens=50, num_workers=2)
-    # a rerun that dies partway (a bad line after some shards were written) ...
+    before = folder_bytes(out_dir)
+    # a rerun that fails partway (a bad line after some shards were written) ...
     bad = tmp_path / 'bad.jsonl'
     bad.write_text(open(good).read() * 2 + '{"no text": 1}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl, line 43: not a JSON object with a 'text' field"):
         prep.prepare(input=str(bad), tokenizer='bytes', out_dir=out_dir, shard_tokens=50, num_workers=2)
-    # ... leaves whole shards only, no temp files, and no prepare.json, so train.py refuses the folder
-    shard_paths = glob.glob(os.path.join(out_dir, '*.bin'))
-    assert shard_paths and sorted(os.listdir(out_dir)) == sorted(os.path.basename(p) for p in shard_paths)
-    for path in shard_paths:
-        assert shards.read_header(path)['num_tokens'] == 50
-    with pytest.raises(ValueError, match='no prepare.json'):
-        shards.Shards(out_dir, 'train', 4)
+    # ... leaves the earlier dataset as it was, byte for byte, and nothing of its own
+    assert folder_bytes(out_dir) == before
+    assert sorted(os.listdir(tmp_path)) == ['bad.jsonl', 'good.jsonl', 'out']
+    assert shards.Shards(out_dir, 'train', 4).num_tokens == json.load(open(os.path.join(out_dir, 'prepare.json')))['train']['tokens']
+    # a run killed outright leaves its build folder, out_dir + '.tmp': the next run removes it
+    os.makedirs(out_dir + '.tmp')
+    shards.write_shard(os.path.join(out_dir + '.tmp', 'train_000000.bin'), np.zeros(9, np.uint16), 257, 'bytes')
+    open(os.path.join(out_dir + '.tmp', 'train_000001.bin.tmp'), 'wb').write(b'half a shard')
     # and a rerun replaces everything
     prep.prepare(input=good, tokenizer='bytes', out_dir=out_dir, shard_tokens=10_000, num_workers=1)
     assert sorted(os.listdir(out_dir)) == ['prepare.json', 'train_000000.bin', 'val_000000.bin']
+    assert sorted(os.listdir(tmp_path)) == ['bad.jsonl', 'good.jsonl', 'out']
+    # other files in out_dir stay; a build folder holding something else is not ours to delete
+    (tmp_path / 'out' / 'NOTES.md').write_text('mine')
+    (tmp_path / 'out.tmp').mkdir()
+    (tmp_path / 'out.tmp' / 'precious.txt').write_text('mine too')
+    with pytest.raises(ValueError, match=r'out.tmp, where this run builds its shards .* holds precious.txt'):
+        prep.prepare(input=good, tokenizer='bytes', out_dir=out_dir, num_workers=1)
+    os.remove(tmp_path / 'out.tmp' / 'precious.txt')
+    prep.prepare(input=good, tokenizer='bytes', out_dir=out_dir, shard_tokens=10_000, num_workers=1, val_every=3)
+    assert (tmp_path / 'out' / 'NOTES.md').read_text() == 'mine' and not (tmp_path / 'out.tmp').exists()
 
 
 def test_zst_without_zstandard_names_the_package(tmp_path, monkeypatch):
