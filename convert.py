@@ -33,8 +33,8 @@ import urllib.request
 import torch
 from tqdm import tqdm
 
-from configurator import parse_settings, settings_help
-from dijiang import DIJIANG_ONLY_KEYS, GPT, CONFIGS, DiJiangAttention, GPTConfig
+from configurator import check, interrupted, interrupts_deferred, parse_settings, settings_help
+from dijiang import DIJIANG_ONLY_KEYS, FEATURE_MAPS, GPT, CONFIGS, DiJiangAttention, GPTConfig
 from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
@@ -111,12 +111,17 @@ def download(url, path):
             have = 0
         size = response.headers.get('Content-Length')
         try:
+            # the bar shows on a terminal only (not in a log), and goes away if the download stops
             with open(partial, 'ab' if have else 'wb') as f, \
                     tqdm(desc=os.path.basename(path), total=have + int(size) if size else None, initial=have,
-                         unit='B', unit_scale=True, unit_divisor=1024) as bar:
-                while chunk := response.read(1 << 20):
-                    f.write(chunk)
-                    bar.update(len(chunk))
+                         unit='B', unit_scale=True, unit_divisor=1024, disable=None) as bar:
+                try:
+                    while chunk := response.read(1 << 20):
+                        f.write(chunk)
+                        bar.update(len(chunk))
+                except BaseException:
+                    bar.leave = False
+                    raise
         except OSError as e:
             raise SystemExit(f"error: download of {url} broke off ({e}): run the same command again to resume") from None
     os.replace(partial, path)
@@ -167,10 +172,17 @@ def download_model(name, revision, cache_dir, hub_url):
 def gpt_config(hf, path):
     """Our config from a GPT-NeoX config.json, in either spelling: rotary_pct / rotary_emb_base
     (hub checkpoints) or rope_parameters (transformers 5)."""
+    if not isinstance(hf, dict):
+        raise SystemExit(f"error: {path} holds a JSON {type(hf).__name__}, not an object: is this a GPT-NeoX config.json?")
     for key in ('vocab_size', 'hidden_size', 'num_hidden_layers', 'num_attention_heads', 'intermediate_size',
                 'max_position_embeddings'):
         if key not in hf:
             raise SystemExit(f"error: {path} has no {key!r}: is this a GPT-NeoX config.json?")
+        if not isinstance(hf[key], int) or isinstance(hf[key], bool) or hf[key] < 1:
+            raise SystemExit(f"error: {path}: {key}={hf[key]!r}, expected a positive integer")
+    if hf['hidden_size'] % hf['num_attention_heads']:
+        raise SystemExit(f"error: {path}: hidden_size={hf['hidden_size']} is not divisible by "
+                         f"num_attention_heads={hf['num_attention_heads']}")
     unsupported = [
         (hf.get('model_type', 'gpt_neox') != 'gpt_neox', f"model_type={hf.get('model_type')!r}, not 'gpt_neox'"),
         (hf.get('hidden_act', 'gelu') != 'gelu', f"hidden_act={hf.get('hidden_act')!r}: only 'gelu' (exact, as Pythia)"),
@@ -196,8 +208,23 @@ def gpt_config(hf, path):
 
 
 def shard_files(index_path):
-    with open(index_path) as f:
-        return sorted(set(json.load(f)['weight_map'].values()))
+    try:
+        with open(index_path, encoding='utf-8') as f:
+            return sorted(set(json.load(f)['weight_map'].values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # not JSON, or no weight_map of file names
+        raise SystemExit(f"error: {index_path} is not a weights index ({type(e).__name__}: {one_line(e)}): it is damaged "
+                         "or incomplete; download it again") from None
+
+
+def one_line(error, limit=160):
+    """An exception's message on one line, cut to limit characters: for the one line of an error."""
+    text = ' '.join(str(error).split())
+    return text if len(text) <= limit else text[:limit - 3] + '...'
+
+
+def unreadable(path, error):
+    return SystemExit(f"error: {path} cannot be read ({type(error).__name__}: {one_line(error)}): the file is damaged "
+                      "or incomplete; download it again (remove it from the cache first)")
 
 
 def read_weights(folder):
@@ -216,11 +243,26 @@ def read_weights(folder):
                 from safetensors import safe_open
             except ImportError:
                 raise SystemExit(f"error: reading {path} needs the safetensors package: pip install safetensors") from None
-            with safe_open(path, framework='pt') as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name), file
+            try:  # random bytes, a truncated download: safetensors names each differently
+                handle = safe_open(path, framework='pt')
+                names = list(handle.keys())
+            except Exception as e:
+                raise unreadable(path, e) from None
+            with handle:
+                for name in names:
+                    try:
+                        tensor = handle.get_tensor(name)
+                    except Exception as e:
+                        raise unreadable(path, e) from None
+                    yield name, tensor, file
         else:
-            for name, tensor in torch.load(path, map_location='cpu', mmap=True, weights_only=True).items():
+            try:
+                state = torch.load(path, map_location='cpu', mmap=True, weights_only=True)
+            except Exception as e:
+                raise unreadable(path, e) from None
+            if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+                raise SystemExit(f"error: {path} holds no dict of tensors: not a Hugging Face weights file")
+            for name, tensor in state.items():
                 yield name, tensor, file
 
 
@@ -258,8 +300,13 @@ def convert(folder, attn='auto', feature_map='qmc', seed=0, dtype='auto', featur
     config_path = os.path.join(folder, 'config.json')
     if not os.path.isfile(config_path):
         raise SystemExit(f"error: no config.json in {folder}: pass a Hugging Face GPT-NeoX model folder")
-    with open(config_path) as f:
-        config = gpt_config(json.load(f), config_path)
+    try:
+        with open(config_path, encoding='utf-8') as f:
+            hf = json.load(f)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise SystemExit(f"error: {config_path} is not JSON ({one_line(e)}): it is damaged or incomplete; "
+                         "download it again") from None
+    config = gpt_config(hf, config_path)
 
     state, sources, decays = {}, {}, {}  # ours -> tensor, ours -> HF name, layer -> {'D1': .., 'D2': ..}
     for hf_name, tensor, file in read_weights(folder):
@@ -283,7 +330,10 @@ def convert(folder, attn='auto', feature_map='qmc', seed=0, dtype='auto', featur
         raise SystemExit(f"error: --attn={attn}: use 'auto', 'softmax' or 'dijiang'")
     if released_dijiang and attn == 'softmax':
         raise SystemExit(f"error: {folder} is a DiJiang checkpoint (it has attention.W_G): convert it with --attn=dijiang")
-    config = GPTConfig(**config, attention=attn, feature_map=feature_map, feature_seed=feature_seed)
+    try:
+        config = GPTConfig(**config, attention=attn, feature_map=feature_map, feature_seed=feature_seed)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
 
     with torch.device('meta'):
         model = GPT(config)
@@ -340,12 +390,33 @@ def hf_names(config):
     return names
 
 
+OUTPUT_FILES = ('ckpt.pt', 'config.json', 'tokenizer.json')
+
+
+def remove_leftover(folder):
+    """Remove a folder that a killed run left (out_dir + '.tmp' or '.old'): it holds our files alone, so
+    anything else there is not ours to delete."""
+    if not os.path.lexists(folder):
+        return
+    names = os.listdir(folder) if os.path.isdir(folder) and not os.path.islink(folder) else [folder]
+    others = [name for name in names if name not in OUTPUT_FILES and name.removesuffix('.tmp') not in OUTPUT_FILES]
+    if others:
+        raise SystemExit(f"error: {folder}, where convert.py writes before renaming into place, holds {others[0]}, "
+                         "which convert.py did not write: move it away, or pass another --out_dir")
+    shutil.rmtree(folder)
+
+
 def write_output(model, out_dir, tokenizer_json, tokenizer_identity, source):
-    """ckpt.pt, config.json and tokenizer.json, written into out_dir.tmp-PID and renamed into place,
-    so out_dir holds either the old conversion or the whole new one."""
+    """ckpt.pt, config.json and tokenizer.json, written into out_dir + '.tmp' and renamed into place
+    (the old conversion moved to out_dir + '.old' meanwhile), so out_dir holds either the old
+    conversion or the whole new one. The names are fixed: what a killed run left is replaced."""
+    tmp_dir, old_dir = f"{out_dir}.tmp", f"{out_dir}.old"
+    if not os.path.exists(out_dir) and os.path.isfile(os.path.join(old_dir, 'ckpt.pt')):
+        os.replace(old_dir, out_dir)  # a run killed between the two renames below: the old conversion comes back
     if os.path.exists(out_dir) and os.listdir(out_dir) and not os.path.exists(os.path.join(out_dir, 'ckpt.pt')):
         raise SystemExit(f"error: --out_dir={out_dir} exists and holds no ckpt.pt: choose another --out_dir")
-    tmp_dir, old_dir = f"{out_dir}.tmp-{os.getpid()}", f"{out_dir}.old-{os.getpid()}"
+    for leftover in (tmp_dir, old_dir):
+        remove_leftover(leftover)
     try:
         extra = dict(source=source)
         if tokenizer_identity:
@@ -353,24 +424,47 @@ def write_output(model, out_dir, tokenizer_json, tokenizer_identity, source):
         model.save_checkpoint(tmp_dir, **extra)
         if tokenizer_json:
             shutil.copyfile(tokenizer_json, os.path.join(tmp_dir, 'tokenizer.json'))
-        if os.path.exists(out_dir):
-            os.replace(out_dir, old_dir)
-        os.replace(tmp_dir, out_dir)
+        with interrupts_deferred():  # two renames, never one alone
+            if os.path.exists(out_dir):
+                os.replace(out_dir, old_dir)
+            os.replace(tmp_dir, out_dir)
     finally:
+        if not os.path.exists(out_dir) and os.path.exists(old_dir):
+            os.replace(old_dir, out_dir)
         for leftover in (tmp_dir, old_dir):
             shutil.rmtree(leftover, ignore_errors=True)
 
 
-def main(settings):
-    t0 = time.time()
+def check_settings(settings):
+    """Each setting on its own, before anything is read or downloaded: one line names the first bad one."""
     if bool(settings['hf_dir']) == bool(settings['model']):
         raise SystemExit("error: pass either --hf_dir=DIR (a local Hugging Face folder) or --model=pythia-... (to download)")
+    for name, allowed in (('attn', ('auto', 'softmax', 'dijiang')), ('feature_map', FEATURE_MAPS),
+                          ('dtype', ('auto', 'float32', 'bfloat16', 'float16'))):
+        if settings[name] not in allowed:
+            raise SystemExit(f"error: --{name}={settings[name]}: use {', '.join(repr(a) for a in allowed)}")
+    for name in ('seed', 'feature_seed'):
+        check(0 <= settings[name] < 2 ** 32, name, settings[name], 'give a seed from 0 to 2**32 - 1')
+    check(bool(settings['revision']), 'revision', settings['revision'], "name a branch, tag or commit, e.g. 'main'")
+
+
+def main(settings):
+    t0 = time.time()
+    check_settings(settings)
+    out = os.path.normpath(settings['out_dir'] or 'out-' + (settings['model'] or os.path.basename(os.path.normpath(settings['hf_dir']))))
+    try:
+        convert_into(settings, out, t0)
+    except KeyboardInterrupt:  # the line __main__ prints
+        raise KeyboardInterrupt(f"{out} is as it was (a conversion is renamed into place only when whole); a download "
+                                "resumes where it stopped: run the same command again") from None
+
+
+def convert_into(settings, out, t0):
     if settings['model']:
         folder = download_model(settings['model'], settings['revision'], settings['cache_dir'], settings['hub_url'])
         source = f"EleutherAI/{settings['model']}@{settings['revision']}"
     else:
         folder = source = settings['hf_dir']
-    out = os.path.normpath(settings['out_dir'] or 'out-' + (settings['model'] or os.path.basename(os.path.normpath(folder))))
     tokenizer_json, identity = os.path.join(folder, 'tokenizer.json'), None
     if os.path.isfile(tokenizer_json):
         try:
@@ -380,8 +474,6 @@ def main(settings):
         identity = tokenizer.identity
     else:
         tokenizer_json = None
-        print(f"note: no tokenizer.json in {folder}: sample.py and data/prepare.py need one; copy Pythia's into {out}",
-              file=sys.stderr)
     model, found = convert(folder, settings['attn'], settings['feature_map'], settings['seed'], settings['dtype'],
                            settings['feature_seed'])
     if tokenizer_json and tokenizer.vocab_size > model.config.vocab_size:
@@ -402,7 +494,14 @@ def main(settings):
               f"gamma {gammas.min():.5f} .. {gammas.max():.5f}")
     for name in sorted(os.listdir(out)):
         print(f"  {name:<16} {os.path.getsize(os.path.join(out, name)) / 1e6:10.3f} MB")
+    if not tokenizer_json:  # after the conversion: a failed one says one thing, its error
+        print(f"note: no tokenizer.json in {folder}: sample.py and data/prepare.py need one; copy Pythia's into {out}",
+              file=sys.stderr)
 
 
 if __name__ == '__main__':
-    main({**SETTINGS, **parse_settings(sys.argv[1:], SETTINGS, settings_help(__file__))})
+    overrides = parse_settings(sys.argv[1:], SETTINGS, settings_help(__file__))
+    try:
+        main({**SETTINGS, **overrides})
+    except KeyboardInterrupt as e:
+        interrupted(str(e) or 'nothing was written; run the same command again')

@@ -72,9 +72,15 @@ class Tokenizer:
                              "(data/pythia-tokenizer.json is Pythia's)")
         try:
             return cls._from_json(path)
-        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise ValueError(f"{path} is not a GPT-NeoX tokenizer.json ({type(e).__name__}: {e}): pass Pythia's "
-                             "tokenizer.json (data/pythia-tokenizer.json)") from None
+        except ValueError as e:
+            if str(e).startswith(path):  # _from_json's own, naming the file
+                raise
+            error = e
+        except (KeyError, TypeError, AttributeError, IndexError, OSError) as e:  # JSON of another shape, or unreadable
+            error = e
+        detail = ' '.join(str(error).split())[:160]
+        raise ValueError(f"{path} is not a GPT-NeoX tokenizer.json ({type(error).__name__}: {detail}): pass Pythia's "
+                         "tokenizer.json (data/pythia-tokenizer.json)")
 
     @classmethod
     def _from_json(cls, path):
