@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from atomic import atomic_write, atomic_write_text
-from configurator import parse_settings, settings_help
+from configurator import interrupted, parse_settings, settings_help
 from dijiang import CONFIGS, GPT, Cache, DiJiangAttention, GPTConfig, feature_map
 from fast.cuda_graph_decode import CUDAGraphDecoder
 
@@ -642,8 +642,7 @@ def make_folders(settings):
             raise SystemExit(f"error: {name}={path!r}: cannot create its folder ({e.strerror}): pass another --{name}")
 
 
-if __name__ == '__main__':
-    settings = build_settings(parse_settings(sys.argv[1:], SETTINGS, settings_help(__file__)))
+def main(settings):
     make_folders(settings)
     results = previous_results(settings)
     if results:
@@ -669,3 +668,13 @@ if __name__ == '__main__':
     print(f"\nwrote {settings.out}")
     if settings.plot:
         draw_plot(results, settings.plot)
+
+
+if __name__ == '__main__':
+    settings = build_settings(parse_settings(sys.argv[1:], SETTINGS, settings_help(__file__)))
+    try:
+        main(settings)
+    except KeyboardInterrupt:
+        kept = (f"{settings.out} holds the rows measured so far (it is saved after each one)"
+                if os.path.isfile(settings.out) else 'nothing was measured yet')
+        interrupted(f"{kept}; run the sections still missing with --sections=...")
