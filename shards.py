@@ -55,8 +55,11 @@ def write_shard(path, tokens, vocab_size, identity):
 
 def read_header(path):
     """The header of a shard as a dict, checked against the file; ValueError names what is wrong."""
-    with open(path, 'rb') as f:
-        raw = f.read(HEADER_BYTES)
+    try:
+        with open(path, 'rb') as f:
+            raw = f.read(HEADER_BYTES)
+    except OSError as e:
+        raise ValueError(f"{path} cannot be read ({e.strerror}): check its permissions, or rerun data/prepare.py") from None
     if len(raw) < HEADER_BYTES or int(np.frombuffer(raw, '<i4', 1)[0]) != MAGIC:
         raise ValueError(f"{path} is not a token shard (wrong magic number): make it with data/prepare.py")
     header = np.frombuffer(raw, HEADER, 1)[0]
