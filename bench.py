@@ -675,6 +675,6 @@ if __name__ == '__main__':
     try:
         main(settings)
     except KeyboardInterrupt:
-        kept = (f"{settings.out} holds the rows measured so far (it is saved after each one)"
-                if os.path.isfile(settings.out) else 'nothing was measured yet')
-        interrupted(f"{kept}; run the sections still missing with --sections=...")
+        interrupted(f"{settings.out} holds the rows measured so far (it is saved after each one); run the sections "
+                    "still missing with --sections=..." if os.path.isfile(settings.out) else
+                    'nothing was measured yet; run the same command again')

@@ -141,6 +141,7 @@ else:
 globals().update({**base, **overrides})
 settings = {name: globals()[name] for name in SETTINGS}  # saved with each checkpoint
 last_saved = resumed['step'] if resumed is not None else None  # the step of the checkpoint this run leaves in out_dir
+origin = resumed['settings'].get('init_from', 'scratch') if resumed is not None else init_from  # where the model began
 
 # Every setting is checked before anything is read or written: the first bad one stops the run with one line
 check(init_from != 'scratch' or model in CONFIGS, 'model', model, f"use one of {', '.join(CONFIGS)}")
@@ -246,7 +247,7 @@ def out_of_memory_is_one_line(doing):
     except RuntimeError as e:  # torch.OutOfMemoryError is one; the CPU allocator raises a plain RuntimeError
         if not (isinstance(e, torch.OutOfMemoryError) or 'out of memory' in str(e) or "can't allocate memory" in str(e)):
             raise
-        what = f"model={model}" if init_from == 'scratch' else f"the model from {out_dir if init_from == 'resume' else init_from}"
+        what = f"model={model}" if origin == 'scratch' else f"the model from {origin}"
         ranks = f" on each of {world_size} ranks" if ddp else ''
         raise SystemExit(f"error: out of memory on {device} {doing} ({what}, micro_batch_size={micro_batch_size}, "
                          f"block_size={block_size}{ranks}): lower --micro_batch_size (batch_size={batch_size} stays: more "

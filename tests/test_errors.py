@@ -1,0 +1,394 @@
+"""Bad input, bad settings, Ctrl-C and running out of memory: each script stops with a non-zero exit
+status (130 for Ctrl-C) and one line on stderr, 'error: ...', that names the file or the setting and
+what to do, with no traceback; what earlier runs wrote (checkpoints, logs, shards, conversions) is
+byte for byte as it was. Most cases run the script in this process (runpy, as `python script.py`
+would, in a fraction of a second); a few run it as a real process, to see its whole stderr."""
+import json
+import math
+import os
+import runpy
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import convert
+import dijiang
+import shards
+from atomic import atomic_write_text
+from data.prepare import prepare
+from dijiang import GPT, GPTConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}  # tiny models: threads only add overhead
+# the tiny model, 8 windows of 32 tokens per step, one micro-step
+TRAIN = ['--model=tiny', '--cpu_threads=1', '--block_size=32', '--batch_size=256', '--micro_batch_size=8',
+         '--eval_iters=2', '--log_interval=1', '--warmup=2', '--lr=1e-2']
+
+
+def run(capfd, script, *args):
+    """`python script args`, in this process. Returns (exit status, stdout, stderr); stderr includes
+    what Python prints for a SystemExit with a message."""
+    argv, threads = sys.argv, torch.get_num_threads()
+    sys.argv, status = [script, *args], 0
+    try:
+        runpy.run_path(os.path.join(ROOT, script), run_name='__main__')
+    except SystemExit as e:
+        status = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+        if not isinstance(e.code, (int, type(None))):
+            print(e.code, file=sys.stderr)
+    finally:
+        sys.argv = argv
+        torch.set_num_threads(threads)
+    out, err = capfd.readouterr()
+    return status, out, err
+
+
+def run_process(*args):
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120, env=ENV)
+    return result.returncode, result.stdout, result.stderr
+
+
+def assert_one_error_line(status, out, err, *names, code=None):
+    """A failing status, stderr one line 'error: ...' naming each of names, and no traceback anywhere."""
+    assert status != 0 if code is None else status == code, (status, err)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith('error: '), err
+    for name in names:
+        assert name in lines[0], (name, lines[0])
+    assert 'Traceback' not in out + err
+    return lines[0]
+
+
+def snapshot(*folders):
+    """Every file under the folders, path -> bytes: also catches a file added or left behind."""
+    files = {}
+    for folder in folders:
+        for parent, _, names in os.walk(folder):
+            for name in names:
+                path = os.path.join(parent, name)
+                with open(path, 'rb') as f:
+                    files[path] = f.read()
+    return files
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp('data')
+    docs = [f"Document {i}: the quick brown fox jumps over the lazy dog. " * 30 for i in range(40)]
+    (tmp / 'docs.jsonl').write_text(''.join(json.dumps(dict(text=doc)) + '\n' for doc in docs))
+    return prepare(input=str(tmp / 'docs.jsonl'), tokenizer='bytes', out_dir=str(tmp / 'bytes'), num_workers=1, val_every=4)
+
+
+@pytest.fixture(scope='module')
+def trained(data_dir, tmp_path_factory):
+    """A run of 2 steps with its checkpoint at step 2 and its log; tests work on copies."""
+    out_dir = str(tmp_path_factory.mktemp('runs') / 'run')
+    argv, threads = sys.argv, torch.get_num_threads()
+    sys.argv = ['train.py', f'--data_dir={data_dir}', f'--out_dir={out_dir}', '--max_iters=2', '--eval_interval=2', *TRAIN]
+    try:
+        runpy.run_path(os.path.join(ROOT, 'train.py'), run_name='__main__')
+    finally:
+        sys.argv = argv
+        torch.set_num_threads(threads)
+    return out_dir
+
+
+@pytest.fixture
+def run_dir(trained, tmp_path):
+    return shutil.copytree(trained, tmp_path / 'run')
+
+# -----------------------------------------------------------------------------
+# Work is never lost
+
+
+def test_a_new_run_does_not_replace_an_earlier_one(data_dir, run_dir, capfd):
+    before = snapshot(run_dir)
+    # a real process: its whole stderr is the one line
+    line = assert_one_error_line(*run_process('train.py', f'--data_dir={data_dir}', f'--out_dir={run_dir}', *TRAIN),
+                                 f'{run_dir}/ckpt.pt', '--init_from=resume', '--overwrite=True')
+    assert 'holds an earlier run' in line and snapshot(run_dir) == before
+    # eval_only writes nothing, so it may look at a run in place; its log stays whole
+    status, out, err = run(capfd, 'train.py', f'--init_from={run_dir}', f'--out_dir={run_dir}', f'--data_dir={data_dir}',
+                           '--eval_only=True', *TRAIN)
+    assert status == 0 and 'val loss' in out and snapshot(run_dir) == before
+    # --overwrite=True: the new run replaces it
+    status, out, err = run(capfd, 'train.py', f'--data_dir={data_dir}', f'--out_dir={run_dir}', '--overwrite=True',
+                           '--max_iters=1', *TRAIN)
+    assert status == 0 and 'Traceback' not in err
+    assert torch.load(run_dir / 'ckpt.pt', weights_only=True)['step'] == 1
+
+
+def test_prepare_with_bad_input_keeps_the_shards_there(data_dir, tmp_path):
+    datas = tmp_path / 'datas'
+    data = str(shutil.copytree(data_dir, datas / 'data'))
+    before = snapshot(datas)
+    bad = tmp_path / 'bad.jsonl'
+    lines = [json.dumps(dict(text=f"document {i} " * 50)) for i in range(30)]
+    bad.write_text('\n'.join(lines[:20] + ['{"text": 12345}'] + lines[20:]) + '\n')
+    # a real process with worker processes: the error was a worker's, and came as three tracebacks
+    line = assert_one_error_line(*run_process('data/prepare.py', f'--input={bad}', '--tokenizer=bytes', f'--out_dir={data}',
+                                              '--num_workers=2', '--val_every=4'), f'{bad}, line 21', "'text' is 12345")
+    assert 'not a string' in line
+    assert snapshot(datas) == before  # the shards and prepare.json as they were, and no build folder left
+    assert shards.Shards(data, 'train', 32).num_tokens > 0
+
+
+def test_an_empty_input_is_an_error(tmp_path, capfd):
+    (tmp_path / 'empty.jsonl').write_text('\n\n')
+    assert_one_error_line(*run(capfd, 'data/prepare.py', f"--input={tmp_path / 'empty.jsonl'}", '--tokenizer=bytes',
+                               f"--out_dir={tmp_path / 'data'}", '--num_workers=1'), 'empty.jsonl', 'no documents')
+    assert sorted(os.listdir(tmp_path)) == ['empty.jsonl']  # no dataset, and nothing half-made
+
+
+def test_stale_temporary_files_are_replaced(data_dir, run_dir, tmp_path, capfd):
+    # atomic writes: one fixed temporary name, path + '.tmp', that the next write replaces
+    (tmp_path / 'notes.txt.tmp').write_text('half of an old write')
+    atomic_write_text(str(tmp_path / 'notes.txt'), 'whole')
+    assert (tmp_path / 'notes.txt').read_text() == 'whole' and not (tmp_path / 'notes.txt.tmp').exists()
+    # a checkpoint write killed half-way leaves ckpt.pt.tmp: the run resumes, and its next checkpoint replaces it
+    (run_dir / 'ckpt.pt.tmp').write_bytes(b'half a checkpoint')
+    status, _, err = run(capfd, 'train.py', '--init_from=resume', f'--out_dir={run_dir}', '--max_iters=3')
+    assert status == 0 and 'Traceback' not in err and not (run_dir / 'ckpt.pt.tmp').exists()
+    # convert.py's output goes through out_dir + '.tmp' and '.old', fixed names a killed run may leave
+    hf = hf_folder(tmp_path / 'hf')
+    outs = tmp_path / 'outs'
+    for leftover in ('conv.tmp', 'conv.old'):
+        (outs / leftover).mkdir(parents=True)
+        (outs / leftover / 'ckpt.pt').write_bytes(b'half a conversion')
+    status, out, err = run(capfd, 'convert.py', f'--hf_dir={hf}', f"--out_dir={outs / 'conv'}")
+    assert status == 0 and sorted(os.listdir(outs)) == ['conv'] and GPT.from_checkpoint(str(outs / 'conv'))
+    # killed between its two renames: out_dir gone, the old conversion in out_dir.old; the next run puts it back
+    os.rename(outs / 'conv', outs / 'conv.old')
+    status, out, err = run(capfd, 'convert.py', f'--hf_dir={hf}', f"--out_dir={outs / 'conv'}", '--dtype=bfloat16')
+    assert status == 0 and sorted(os.listdir(outs)) == ['conv']
+    assert GPT.from_checkpoint(str(outs / 'conv')).embed.weight.dtype == torch.bfloat16
+
+
+def test_a_torn_last_log_line_does_not_stop_resume(run_dir, capfd):
+    with open(run_dir / 'log.jsonl', 'a') as f:
+        f.write('{"step": 3, "loss": 4.1')  # a crash in the middle of writing a row
+    status, out, err = run(capfd, 'train.py', '--init_from=resume', f'--out_dir={run_dir}', '--max_iters=3')
+    assert status == 0 and 'cut short' in out and 'Traceback' not in err
+    rows = [json.loads(line) for line in open(run_dir / 'log.jsonl')]
+    assert [row['step'] for row in rows] == [0, 1, 2, 3] and rows[-1]['loss'] != 4.1
+    # a damaged line that is not the last is not guessed at
+    lines = open(run_dir / 'log.jsonl').readlines()
+    (run_dir / 'log.jsonl').write_text(lines[0] + 'garbage\n' + ''.join(lines[1:]))
+    before = snapshot(run_dir)
+    assert_one_error_line(*run(capfd, 'train.py', '--init_from=resume', f'--out_dir={run_dir}', '--max_iters=4'),
+                          f'{run_dir}/log.jsonl, line 2', 'delete that line')
+    assert snapshot(run_dir) == before
+
+
+def test_ctrl_c_in_train_keeps_the_checkpoint(run_dir):
+    ckpt = (run_dir / 'ckpt.pt').read_bytes()
+    log = (run_dir / 'log.jsonl').read_text()
+    process = subprocess.Popen([sys.executable, 'train.py', '--init_from=resume', f'--out_dir={run_dir}',
+                                '--max_iters=100000', '--eval_interval=100000'],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    for line in process.stdout:  # training: the handler is in place
+        if line.startswith('step'):
+            break
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert_one_error_line(process.returncode, out, err, 'error: interrupted;', f'{run_dir}/ckpt.pt (step 2) is the last',
+                          '--init_from=resume', code=130)
+    assert (run_dir / 'ckpt.pt').read_bytes() == ckpt and not (run_dir / 'ckpt.pt.tmp').exists()
+    assert (run_dir / 'log.jsonl').read_text().startswith(log)  # the steps done since are logged after it
+
+
+def raise_keyboard_interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+def test_ctrl_c_in_prepare_keeps_the_dataset(data_dir, tmp_path, monkeypatch, capfd):
+    datas = tmp_path / 'datas'
+    data = str(shutil.copytree(data_dir, datas / 'data'))
+    before = snapshot(datas)
+    source = tmp_path / 'more.jsonl'
+    source.write_text(''.join(json.dumps(dict(text=f"more text {i} " * 40)) + '\n' for i in range(30)))
+    monkeypatch.setattr(shards, 'write_shard', raise_keyboard_interrupt)  # Ctrl-C as the first new shard is written
+    assert_one_error_line(*run(capfd, 'data/prepare.py', f'--input={source}', '--tokenizer=bytes', f'--out_dir={data}',
+                               '--num_workers=1'), f'error: interrupted; {data} is as it was', 'run the same command again',
+                          code=130)
+    assert snapshot(datas) == before
+
+
+def test_ctrl_c_in_convert_keeps_the_conversion(tmp_path, monkeypatch, capfd):
+    hf, outs = hf_folder(tmp_path / 'hf'), tmp_path / 'outs'
+    assert run(capfd, 'convert.py', f'--hf_dir={hf}', f"--out_dir={outs / 'conv'}")[0] == 0
+    before = snapshot(outs)
+    monkeypatch.setattr(GPT, 'save_checkpoint', raise_keyboard_interrupt)
+    assert_one_error_line(*run(capfd, 'convert.py', f'--hf_dir={hf}', f"--out_dir={outs / 'conv'}"),
+                          f"error: interrupted; {outs / 'conv'} is as it was", code=130)
+    assert snapshot(outs) == before  # and no conv.tmp or conv.old beside it
+
+
+def test_ctrl_c_in_sample_and_bench(run_dir, tmp_path, monkeypatch, capfd):
+    with monkeypatch.context() as patch:
+        patch.setattr(GPT, 'from_checkpoint', raise_keyboard_interrupt)
+        assert_one_error_line(*run(capfd, 'sample.py', f'--out_dir={run_dir}', '--device=cpu'),
+                              'error: interrupted;', 'sample.py writes no files', code=130)
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, 'manual_seed', raise_keyboard_interrupt)  # bench's first step after its settings
+        assert_one_error_line(*run(capfd, 'bench.py', '--device=cpu', f"--out={tmp_path / 'bench.json'}", '--plot='),
+                              'error: interrupted;', 'nothing was measured yet', code=130)
+
+# -----------------------------------------------------------------------------
+# Everything read is checked
+
+
+@pytest.mark.parametrize('damage', ['random', 'truncated'])
+def test_a_damaged_checkpoint_is_one_line(data_dir, run_dir, tmp_path, capfd, damage):
+    raw = (run_dir / 'ckpt.pt').read_bytes()
+    (run_dir / 'ckpt.pt').write_bytes(os.urandom(4096) if damage == 'random' else raw[:len(raw) // 2])
+    before = snapshot(run_dir)
+    message = f'{run_dir}/ckpt.pt is not a readable checkpoint'
+    assert_one_error_line(*run(capfd, 'train.py', '--init_from=resume', f'--out_dir={run_dir}'), message)
+    assert_one_error_line(*run(capfd, 'train.py', f'--init_from={run_dir}', f"--out_dir={tmp_path / 'new'}",
+                               f'--data_dir={data_dir}', *TRAIN), message)
+    assert_one_error_line(*run(capfd, 'sample.py', f'--out_dir={run_dir}', '--device=cpu'), message)
+    with pytest.raises(ValueError, match=message):
+        GPT.from_checkpoint(str(run_dir))
+    assert snapshot(run_dir) == before and not (tmp_path / 'new').exists()
+
+
+def test_resuming_a_converted_model_says_fine_tune_it(tmp_path, capfd):
+    converted = str(tmp_path / 'out-pythia')
+    GPT(GPTConfig.named('tiny', attention='softmax', vocab_size=384)).save_checkpoint(converted, source='EleutherAI/x')
+    before = snapshot(converted)
+    line = assert_one_error_line(*run(capfd, 'train.py', '--init_from=resume', f'--out_dir={converted}'),
+                                 f'{converted}/ckpt.pt', 'converted model', f'--init_from={converted}')
+    assert 'new --out_dir' in line and snapshot(converted) == before
+
+
+def hf_folder(folder):
+    """A tiny GPT-NeoX checkpoint as Hugging Face saves it: config.json and model.safetensors."""
+    from safetensors.torch import save_file
+    config = GPTConfig(vocab_size=96, n_layer=1, n_head=2, n_embd=16, block_size=32, attention='softmax')
+    names = convert.hf_names(config)  # ours -> the GPT-NeoX name
+    torch.manual_seed(0)
+    state = {names[key]: tensor.contiguous() for key, tensor in GPT(config).state_dict().items()}
+    os.makedirs(folder)
+    (folder / 'config.json').write_text(json.dumps(dict(vocab_size=96, hidden_size=16, num_hidden_layers=1,
+                                                        num_attention_heads=2, intermediate_size=64,
+                                                        max_position_embeddings=32, rotary_pct=0.25)))
+    save_file(state, str(folder / 'model.safetensors'))
+    return folder
+
+
+@pytest.mark.parametrize('damage', ['config.json not JSON', 'random model.safetensors', 'truncated model.safetensors',
+                                    'truncated pytorch_model.bin', 'bad tokenizer.json'])
+def test_convert_names_the_damaged_file(tmp_path, capfd, damage):
+    """Each damaged file: one line naming it, and the earlier conversion in --out_dir as it was."""
+    pytest.importorskip('safetensors')
+    hf, outs = hf_folder(tmp_path / 'hf'), tmp_path / 'outs'
+    assert run(capfd, 'convert.py', f'--hf_dir={hf}', f"--out_dir={outs / 'conv'}")[0] == 0  # an earlier conversion
+    before = snapshot(outs)
+    weights = (hf / 'model.safetensors').read_bytes()
+    file = next(word for word in damage.split() if '.' in word)
+    if damage == 'config.json not JSON':
+        (hf / 'config.json').write_text('{"vocab_size": 96, "hidden_size": 16,')
+    elif damage == 'random model.safetensors':
+        (hf / file).write_bytes(os.urandom(len(weights)))
+    elif damage == 'truncated model.safetensors':
+        (hf / file).write_bytes(weights[:len(weights) // 2])
+    elif damage == 'truncated pytorch_model.bin':
+        from safetensors.torch import load_file
+        torch.save(load_file(str(hf / 'model.safetensors')), hf / file)
+        os.remove(hf / 'model.safetensors')
+        (hf / file).write_bytes((hf / file).read_bytes()[:-3000])
+    else:
+        (hf / file).write_bytes(b'{"model": {"type": "BPE", "vocab": ')
+    assert_one_error_line(*run(capfd, 'convert.py', f'--hf_dir={hf}', f"--out_dir={outs / 'conv'}"), f'{hf}/{file}')
+    assert snapshot(outs) == before
+
+
+def test_a_prompt_file_that_is_not_utf8(run_dir, tmp_path, capfd):
+    (tmp_path / 'prompt.txt').write_bytes('café'.encode('latin-1'))
+    line = assert_one_error_line(*run(capfd, 'sample.py', f'--out_dir={run_dir}', '--device=cpu',
+                                      f"--start=FILE:{tmp_path / 'prompt.txt'}"), f"{tmp_path / 'prompt.txt'}", 'not UTF-8')
+    assert 'save the prompt as UTF-8' in line
+
+# -----------------------------------------------------------------------------
+# Every setting checked up front, one line naming it
+
+
+TRAIN_SETTINGS = [('model', 'huge'), ('attention', 'linear'), ('form', 'loop'), ('feature_map', 'rff'),
+                  ('eval_interval', '0'), ('log_interval', '0'), ('micro_batch_size', '0'), ('block_size', '0'),
+                  ('batch_size', '0'), ('eval_iters', '0'), ('max_iters', '-5'), ('lr', '-1'), ('lr', 'nan'),
+                  ('min_lr', '-1e-4'), ('weight_decay', 'inf'), ('grad_clip', '-1'), ('warmup', '-1'),
+                  ('betas', '(0.9, 1.0)'), ('betas', '(-0.1, 0.9)'), ('betas', '(0.9,)'), ('dtype', 'float16'),
+                  ('device', 'cuda'), ('device', 'tpu'), ('seed', '-1')]
+
+
+@pytest.mark.parametrize('name,value', TRAIN_SETTINGS, ids=[f'{n}={v}' for n, v in TRAIN_SETTINGS])
+def test_train_settings(data_dir, tmp_path, capfd, name, value):
+    if (name, value) == ('device', 'cuda') and torch.cuda.is_available():
+        pytest.skip('CUDA is here')
+    out_dir = tmp_path / 'out'
+    assert_one_error_line(*run(capfd, 'train.py', f'--data_dir={data_dir}', f'--out_dir={out_dir}', *TRAIN,
+                               f'--{name}={value}'), f'error: {name}=')
+    assert not out_dir.exists()
+
+
+def test_convert_settings(tmp_path, capfd):
+    for name, value in (('attn', 'linear'), ('feature_map', 'rff'), ('dtype', 'int8'), ('seed', '-1')):
+        # checked before the folder is even looked at
+        assert_one_error_line(*run(capfd, 'convert.py', f"--hf_dir={tmp_path / 'nowhere'}", f'--{name}={value}'),
+                              f'{name}={value}')
+
+
+SAMPLE_SETTINGS = dict(temperature='-1', top_k='-1', top_p='0', num_samples='0', max_new_tokens='0', dtype='int8',
+                       device='cuda')
+
+
+@pytest.mark.parametrize('name', SAMPLE_SETTINGS)
+def test_sample_names_only_the_bad_setting(run_dir, capfd, name):
+    if name == 'device' and torch.cuda.is_available():
+        pytest.skip('CUDA is here')
+    line = assert_one_error_line(*run(capfd, 'sample.py', f'--out_dir={run_dir}', f'--{name}={SAMPLE_SETTINGS[name]}'),
+                                 f'error: {name}=')
+    assert not [other for other in SAMPLE_SETTINGS if other != name and f'{other}=' in line], line
+
+
+@pytest.mark.parametrize('error', [torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 20.00 GiB'),
+                                   RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 TB")],
+                         ids=['cuda', 'cpu'])
+def test_out_of_memory_is_one_line(run_dir, monkeypatch, capfd, error):
+    before = snapshot(run_dir)
+
+    def forward(*args, **kwargs):
+        raise error
+    monkeypatch.setattr(dijiang.GPT, 'forward', forward)
+    line = assert_one_error_line(*run(capfd, 'train.py', '--init_from=resume', f'--out_dir={run_dir}', '--max_iters=4'),
+                                 'out of memory', 'micro_batch_size=8', 'block_size=32', '--micro_batch_size',
+                                 '--block_size', 'more ranks', 'model=tiny', f'{run_dir}/ckpt.pt (step 2)')
+    assert 'in a training step' in line and snapshot(run_dir) == before
+
+
+def test_the_log_is_strict_json(data_dir, tmp_path, capfd):
+    out_dir = tmp_path / 'run'
+    status, _, _ = run(capfd, 'train.py', f'--data_dir={data_dir}', f'--out_dir={out_dir}', '--max_iters=1', *TRAIN)
+    assert status == 0
+    argv, threads = sys.argv, torch.get_num_threads()
+    sys.argv = ['train.py', '--init_from=resume', f'--out_dir={out_dir}', '--max_iters=1']  # nothing to train: the globals
+    try:
+        run_globals = runpy.run_path(os.path.join(ROOT, 'train.py'), run_name='__main__')
+    finally:
+        sys.argv = argv
+        torch.set_num_threads(threads)
+    capfd.readouterr()
+    run_globals['log'](dict(step=2, loss=math.nan, val_loss=math.inf, lr=1e-3, grad_norm=-math.inf, tokens_per_s=1.0,
+                            mfu=0.0, peak_mem_mib=1.0))
+    assert 'loss nan | val inf' in capfd.readouterr().out  # the line on stdout stays readable
+
+    def no_constants(name):
+        raise ValueError(f'{name} is not JSON')
+    rows = [json.loads(line, parse_constant=no_constants) for line in open(out_dir / 'log.jsonl')]
+    assert rows[-1] == dict(step=2, loss=None, val_loss=None, lr=1e-3, grad_norm=None, tokens_per_s=1.0, mfu=0.0,
+                            peak_mem_mib=1.0)
