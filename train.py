@@ -558,8 +558,10 @@ if master and not eval_only:  # eval_only writes nothing
     os.makedirs(out_dir, exist_ok=True)
     if train_data.tokenizer != 'bytes':  # the model's tokenizer goes with its checkpoints
         atomic_write(os.path.join(out_dir, 'tokenizer.json'), lambda tmp: shutil.copyfile(tokenizer_json, tmp))
-    with open(log_path, 'w') as f:
-        f.writelines(rows)
+    def write_rows(tmp):
+        with open(tmp, 'w') as f:
+            f.writelines(rows)
+    atomic_write(log_path, write_rows)  # a crash leaves the old log whole, or the kept rows
 if master:
     print(f"{gpt.num_params() / 1e6:.2f}M parameters, {config.attention} attention ({config.form}), "
           f"{init_from}; {data_dir}: {train_data.num_tokens:,} train tokens ({train_data.tokenizer})")
