@@ -199,8 +199,11 @@ def main():
 
 
 if __name__ == '__main__':
-    globals().update(parse_settings(sys.argv[1:], SETTINGS, settings_help(__file__)))
     try:
+        globals().update(parse_settings(sys.argv[1:], SETTINGS, settings_help(__file__)))
         main()
     except KeyboardInterrupt:
         interrupted('sample.py writes no files: the text so far is on stdout')
+    except BrokenPipeError:  # stdout's reader is gone (`| head`): stop quietly, as other Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush does not fail again
+        sys.exit(141)  # 128 + SIGPIPE, what a shell reports for a process a closed pipe stopped
