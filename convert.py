@@ -503,5 +503,7 @@ if __name__ == '__main__':
     overrides = parse_settings(sys.argv[1:], SETTINGS, settings_help(__file__))
     try:
         main({**SETTINGS, **overrides})
+    except OSError as e:  # a folder that cannot be written, a full disk: the output folder stays as it was
+        raise SystemExit(f"error: {e.filename or 'convert.py'}: {e.strerror or e}: check the path and the free space")
     except KeyboardInterrupt as e:
         interrupted(str(e) or 'nothing was written; run the same command again')

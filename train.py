@@ -415,8 +415,12 @@ def rng_state():
 
 
 def save_checkpoint(step, position):
-    gpt.save_checkpoint(out_dir, optimizer=optimizer.state_dict(), step=step, data_position=position,
-                        tokenizer=model_tokenizer or train_data.tokenizer, settings=settings, rng=rng_state())
+    try:  # written whole or not at all (atomic.py): a full disk leaves the last checkpoint as it was
+        gpt.save_checkpoint(out_dir, optimizer=optimizer.state_dict(), step=step, data_position=position,
+                            tokenizer=model_tokenizer or train_data.tokenizer, settings=settings, rng=rng_state())
+    except OSError as e:
+        raise SystemExit(f"error: cannot write the checkpoint of step {step} into {out_dir} ({e.strerror}): make room "
+                         f"or pass another --out_dir; {kept()}") from None
 
 
 def peak_memory_mib():
@@ -555,13 +559,17 @@ def json_line(row):
 if master and not eval_only:  # eval_only writes nothing
     # keep the log of the steps the checkpoint holds, drop any logged after it
     rows = log_lines_up_to(log_path, start_step) if start_step > 0 and os.path.isfile(log_path) else []
-    os.makedirs(out_dir, exist_ok=True)
-    if train_data.tokenizer != 'bytes':  # the model's tokenizer goes with its checkpoints
-        atomic_write(os.path.join(out_dir, 'tokenizer.json'), lambda tmp: shutil.copyfile(tokenizer_json, tmp))
+
     def write_rows(tmp):
         with open(tmp, 'w') as f:
             f.writelines(rows)
-    atomic_write(log_path, write_rows)  # a crash leaves the old log whole, or the kept rows
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        if train_data.tokenizer != 'bytes':  # the model's tokenizer goes with its checkpoints
+            atomic_write(os.path.join(out_dir, 'tokenizer.json'), lambda tmp: shutil.copyfile(tokenizer_json, tmp))
+        atomic_write(log_path, write_rows)  # a crash leaves the old log whole, or the kept rows
+    except OSError as e:
+        raise SystemExit(f"error: out_dir={out_dir}: cannot write there ({e.strerror}): pass another --out_dir") from None
 if master:
     print(f"{gpt.num_params() / 1e6:.2f}M parameters, {config.attention} attention ({config.form}), "
           f"{init_from}; {data_dir}: {train_data.num_tokens:,} train tokens ({train_data.tokenizer})")

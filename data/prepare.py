@@ -568,5 +568,7 @@ if __name__ == '__main__':
         prepare(**{**settings, **overrides})
     except ValueError as e:
         raise SystemExit(f"error: {e}")
+    except OSError as e:  # a folder that cannot be written, a full disk: the old dataset stays as it was
+        raise SystemExit(f"error: {e.filename or 'data/prepare.py'}: {e.strerror or e}: check the path and the free space")
     except KeyboardInterrupt as e:
         interrupted(str(e) or 'nothing was changed; run the same command again')
