@@ -298,6 +298,7 @@ def execute(runs):
     done = len(runs) - len(todo)
     if done:
         print(f"{done} of {len(runs)} runs already finished: skipped")
+    trained = len(todo)
     if todo:  # the report names the machine the runs trained on, wherever it is written
         write_json(os.path.join(out_dir, 'machine.json'), machine())
     threads = max(1, (os.cpu_count() or 1) // parallel)
@@ -327,7 +328,7 @@ def execute(runs):
     if failed:
         raise SystemExit(f"error: {len(failed)} run(s) failed: " + '; '.join(
             f"{run.name} ({os.path.join(run.dir, 'train.out')}: {last_line(run)})" for run in failed))
-    return len(todo)
+    return trained
 
 
 def last_line(run):
