@@ -658,4 +658,5 @@ for step in range(start_step + 1, max_iters + 1):
 checksum = sum(p.detach().double().sum().item() for p in gpt.parameters())
 print(f"rank {rank}/{world_size}: final weights checksum {checksum!r}\n", end='', flush=True)  # one write, as above
 if ddp:
+    dist.barrier()  # the ranks leave together: one tearing its process group down while rank 0 still saves can abort
     dist.destroy_process_group()
