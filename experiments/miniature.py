@@ -252,7 +252,8 @@ def launch(run, threads):
     resume = os.path.isfile(os.path.join(run.dir, 'ckpt.pt')) and run_info(run).get('command') == command
     if not resume:
         write_json(os.path.join(run.dir, 'run.json'), dict(command=command))
-    argv = command[:2] + ['--init_from=resume', f'--out_dir={run.dir}'] if resume else command
+    # a run started afresh replaces what an earlier command of another shape left in its folder
+    argv = command[:2] + ['--init_from=resume', f'--out_dir={run.dir}'] if resume else command + ['--overwrite=True']
     out_path = os.path.join(run.dir, 'train.out')
     with open(out_path, 'a') as out:
         out.write(f"\n$ {' '.join(argv)}\n")
