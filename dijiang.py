@@ -108,8 +108,7 @@ CONFIGS = {
 
 
 def rotary_cos_sin(positions, rotary_dim, base):
-    """cos and sin of the rotation angles for positions (T,), each (T, rotary_dim / 2): one angle per
-    rotated channel pair. Computed on demand, so there is no length limit."""
+    """cos, sin (T, rotary_dim / 2) for positions (T,): one angle per channel pair, for any length."""
     inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, device=positions.device, dtype=torch.float32) / rotary_dim))
     angles = torch.outer(positions.float(), inv_freq)  # (T, R/2)
     return angles.cos(), angles.sin()
@@ -159,8 +158,7 @@ def decay_schedule(n_head):
 
 
 def compute_dtype(x):
-    """The attention math runs in fp32 for fp32, bf16 and fp16 inputs, and in float64 for float64
-    inputs, so the same code is its own high-precision reference."""
+    """fp32 for fp32, bf16 and fp16 inputs; float64 for float64, so the code is its own reference."""
     return torch.promote_types(x.dtype, torch.float32)
 
 
@@ -228,8 +226,7 @@ def attention_chunk(phi_q, phi_k, v, decay, state=None, chunk_size=64):
 
 
 def attention_recurrent(phi_q, phi_k, v, decay, state=None):
-    """Token by token: S_n = gamma S_{n-1} + phi_k_n^T v_n, o_n = phi_q_n S_n. O(1) work and memory
-    per token: the decoding path. Same inputs and outputs as attention_parallel."""
+    """Token by token, O(1) per token (decoding): S_n = gamma S_{n-1} + phi_k_n^T v_n, o_n = phi_q_n S_n."""
     B, _, H, D = phi_q.shape
     dtype = compute_dtype(v)
     S = v.new_zeros(B, H, D, v.shape[-1], dtype=dtype) if state is None else state.to(dtype)
@@ -305,8 +302,7 @@ class DiJiangAttention(nn.Module):
         return self.proj(y), state
 
     def uses_triton(self, q):
-        """kernel='auto' takes the fused Triton kernels for the chunk form (and its decoding steps) on
-        CUDA; 'parallel' and 'recurrent' always run the readable torch code."""
+        """kernel='auto': the fused Triton kernels for the chunk form and its decoding steps, on CUDA."""
         cfg = self.config
         if cfg.kernel == 'torch' or cfg.form != 'chunk':
             return False
@@ -375,8 +371,7 @@ class Block(nn.Module):
 
 @dataclass
 class Cache:
-    """What incremental decoding carries between calls: how many tokens were seen, and per layer the
-    (k, v) of every earlier token (softmax) or one fixed-size recurrent state (dijiang)."""
+    """Tokens seen so far, and per layer the (k, v) of each of them (softmax) or one state (dijiang)."""
     pos: int
     layers: list
 
@@ -514,13 +509,10 @@ class GPT(nn.Module):
         ckpt = load_checkpoint(path)
         ckpt_path = os.path.join(path, 'ckpt.pt')
         known = {f.name for f in fields(GPTConfig)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise ValueError(f"unknown config field(s) {', '.join(unknown)}: choose from {', '.join(sorted(known))}")
-        stored_unknown = sorted(set(ckpt['config']) - known)
-        if stored_unknown:
-            raise ValueError(f"{ckpt_path}: its config has field(s) this code does not know ({', '.join(stored_unknown)}): "
-                             "it was written by another version of this code")
+        for where, names in (('overrides', overrides), (f"{ckpt_path}'s config", ckpt['config'])):
+            if set(names) - known:
+                raise ValueError(f"unknown config field(s) in {where}: {', '.join(sorted(set(names) - known))}; "
+                                 f"the fields are {', '.join(sorted(known))}")
         config = GPTConfig(**{**ckpt['config'], **overrides})  # a bad override's ValueError names it
         linearize = ckpt['config'].get('attention', 'dijiang') == 'softmax' and config.attention == 'dijiang'
         # built on the meta device, then given the memory-mapped weights: a big model is held once
