@@ -33,6 +33,7 @@ import urllib.request
 import torch
 from tqdm import tqdm
 
+from atomic import remove_leftover_dir
 from configurator import check, interrupted, interrupts_deferred, parse_settings, settings_help
 from dijiang import DIJIANG_ONLY_KEYS, FEATURE_MAPS, GPT, CONFIGS, DiJiangAttention, GPTConfig
 from tokenizer import Tokenizer
@@ -393,17 +394,8 @@ def hf_names(config):
 OUTPUT_FILES = ('ckpt.pt', 'config.json', 'tokenizer.json')
 
 
-def remove_leftover(folder):
-    """Remove a folder that a killed run left (out_dir + '.tmp' or '.old'): it holds our files alone, so
-    anything else there is not ours to delete."""
-    if not os.path.lexists(folder):
-        return
-    names = os.listdir(folder) if os.path.isdir(folder) and not os.path.islink(folder) else [folder]
-    others = [name for name in names if name not in OUTPUT_FILES and name.removesuffix('.tmp') not in OUTPUT_FILES]
-    if others:
-        raise SystemExit(f"error: {folder}, where convert.py writes before renaming into place, holds {others[0]}, "
-                         "which convert.py did not write: move it away, or pass another --out_dir")
-    shutil.rmtree(folder)
+def is_output_file(name):
+    return name in OUTPUT_FILES or name.removesuffix('.tmp') in OUTPUT_FILES  # or one half written
 
 
 def write_output(model, out_dir, tokenizer_json, tokenizer_identity, source):
@@ -415,8 +407,12 @@ def write_output(model, out_dir, tokenizer_json, tokenizer_identity, source):
         os.replace(old_dir, out_dir)  # a run killed between the two renames below: the old conversion comes back
     if os.path.exists(out_dir) and os.listdir(out_dir) and not os.path.exists(os.path.join(out_dir, 'ckpt.pt')):
         raise SystemExit(f"error: --out_dir={out_dir} exists and holds no ckpt.pt: choose another --out_dir")
-    for leftover in (tmp_dir, old_dir):
-        remove_leftover(leftover)
+    for leftover in (tmp_dir, old_dir):  # what a killed run left
+        try:
+            remove_leftover_dir(leftover, is_output_file, 'where convert.py writes before renaming into place',
+                                'convert.py')
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
     try:
         extra = dict(source=source)
         if tokenizer_identity:

@@ -57,7 +57,7 @@ import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, for dijiang
-from atomic import atomic_write, atomic_write_text  # noqa: E402
+from atomic import atomic_write, atomic_write_text, remove_leftover_dir  # noqa: E402
 from configurator import interrupted, interrupts_deferred, parse_settings, settings_help  # noqa: E402
 from shards import token_dtype, write_shard  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
@@ -399,17 +399,10 @@ def dataset_files(folder):
 
 def remove_unfinished(build_dir):
     """Remove what a run that was stopped (killed, or the machine went down) left in build_dir, the
-    folder a run writes into before its dataset is swapped in: it holds a dataset's files alone, so
-    anything else there is not ours to delete."""
-    if not os.path.lexists(build_dir):
-        return
-    ours = set(dataset_files(build_dir))
-    others = [name for name in os.listdir(build_dir) if os.path.join(build_dir, name) not in ours] \
-        if os.path.isdir(build_dir) and not os.path.islink(build_dir) else [os.path.basename(build_dir)]
-    if others:
-        raise ValueError(f"{build_dir}, where this run builds its shards before they replace the old ones, holds "
-                         f"{others[0]}, which data/prepare.py did not write: move it away, or pick another --out_dir")
-    shutil.rmtree(build_dir)
+    folder a run writes into before its dataset is swapped in: a dataset's files alone."""
+    ours = {os.path.basename(path) for path in dataset_files(build_dir)} if os.path.isdir(build_dir) else set()
+    remove_leftover_dir(build_dir, ours.__contains__, 'where this run builds its shards before they replace the old ones',
+                        'data/prepare.py')
 
 
 def swap_in(build_dir, out_dir):

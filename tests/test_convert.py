@@ -438,3 +438,9 @@ def test_bad_settings(checkpoint, tmp_path):
     (tmp_path / 'precious' / 'notes.txt').write_text('keep me')
     assert 'holds no ckpt.pt' in convert_error(folder, out_dir=str(tmp_path / 'precious'))
     assert (tmp_path / 'precious' / 'notes.txt').read_text() == 'keep me'
+    # a build folder left beside the output holding a file convert.py did not write: kept, and named
+    (tmp_path / 'out.tmp').mkdir()
+    (tmp_path / 'out.tmp' / 'mine.txt').write_text('keep me too')
+    assert 'out.tmp, where convert.py writes before renaming into place, holds mine.txt' in \
+        convert_error(folder, out_dir=str(tmp_path / 'out'))
+    assert (tmp_path / 'out.tmp' / 'mine.txt').read_text() == 'keep me too'
