@@ -322,12 +322,17 @@ if config.attention == 'softmax' and block_size > config.block_size:
 with out_of_memory_is_one_line('placing the model'):
     gpt.to(device=device, dtype=torch.float32)  # fp32 weights (a converted checkpoint may hold bf16); autocast computes in bf16
 
-# AdamW; weight decay on matrices (linear weights, embeddings), not on norms, biases or gains
-decay_params = [p for p in gpt.parameters() if p.dim() >= 2]
-other_params = [p for p in gpt.parameters() if p.dim() < 2]
-optimizer = torch.optim.AdamW([dict(params=decay_params, weight_decay=weight_decay),
-                               dict(params=other_params, weight_decay=0.0)],
-                              lr=lr, betas=betas, fused=device_type == 'cuda')
+
+
+def adamw(params, peak_lr):
+    """AdamW with weight decay on matrices (linear weights, embeddings), not on norms, biases or gains."""
+    params = list(params)
+    return torch.optim.AdamW([dict(params=[p for p in params if p.dim() >= 2], weight_decay=weight_decay),
+                              dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)],
+                             lr=peak_lr, betas=betas, fused=device_type == 'cuda')
+
+
+optimizer = adamw(gpt.parameters(), lr)
 if resumed is not None:
     try:
         optimizer.load_state_dict(resumed['optimizer'])
@@ -446,24 +451,21 @@ def stop_non_finite(what, value, step):
 
 
 def teacher_attention_io(teacher, idx):
-    """The teacher on tokens idx (B, T): per layer i, the attention's input h_i = ln_attn(x_i), x_i the
+    """The teacher on tokens idx (B, T): per layer i, its attention's input h_i = ln_attn(x_i), x_i the
     residual stream entering block i, and its output a_i, as [(h_i, a_i)]; and the rotary cos, sin.
-    The blocks' residual sums are written out here so that each attention runs once."""
-    from dijiang import rotary_cos_sin
-    cfg = teacher.config
-    cos, sin = rotary_cos_sin(torch.arange(idx.shape[1], device=idx.device), int(cfg.head_size * cfg.rotary_pct),
-                              cfg.rotary_base)
-    x, pairs = teacher.embed(idx), []
-    for block in teacher.layers:
-        h = block.ln_attn(x)
-        a = block.attn(h, cos, sin)[0]
-        pairs.append((h, a))
-        if block.parallel_residual:
-            x = x + a + block.mlp(block.ln_mlp(x))
-        else:
-            x = x + a
-            x = x + block.mlp(block.ln_mlp(x))
-    return pairs, cos, sin
+    Read off the teacher's own forward pass by hooks, so they are exactly what its blocks compute."""
+    pairs, rotary = [], []
+
+    def record(attn, args, output):  # attn(h, cos, sin, past) -> (a, cache)
+        pairs.append((args[0], output[0]))
+        rotary[:] = args[1:3]
+    hooks = [block.attn.register_forward_hook(record) for block in teacher.layers]
+    try:
+        teacher(idx)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return pairs, *rotary
 
 
 def transfer_parameters(model):
@@ -481,9 +483,7 @@ def transfer_attention(position):
     reads them (rank-strided micro-steps); logs the mean per-layer MSE. Returns the new position."""
     teacher = GPT.from_checkpoint(init_from).to(device=device, dtype=torch.float32).eval().requires_grad_(False)
     params = transfer_parameters(gpt)
-    transfer_optimizer = torch.optim.AdamW([dict(params=[p for p in params if p.dim() >= 2], weight_decay=weight_decay),
-                                            dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)],
-                                           lr=transfer_lr, betas=betas, fused=device_type == 'cuda')
+    transfer_optimizer = adamw(params, transfer_lr)
     transfer_warmup = max(1, transfer_iters // 10)
     for t in range(transfer_iters):
         t0 = time.time()

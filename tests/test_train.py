@@ -15,7 +15,7 @@ import torch
 
 from conftest import PYTHIA_TOKENIZER
 from data.prepare import build_default_corpus, prepare
-from dijiang import GPT, GPTConfig, projection_matrix
+from dijiang import GPT, GPTConfig, projection_matrix, rotary_cos_sin
 from shards import write_shard
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -284,20 +284,19 @@ def test_attention_transfer_trains_the_attention_alone(data_dir, softmax_teacher
     ckpt = torch.load(os.path.join(tmp_path, 'transfer', 'ckpt.pt'), weights_only=True)
     assert ckpt['data_position'] == (8 + 1) * 8
 
-    # the helper's inputs and outputs are what each attention module sees and returns in the teacher's forward
+    # the helper's inputs and outputs are each attention's own in the teacher's forward
     teacher = GPT.from_checkpoint(softmax_teacher)
-    seen = []
-    hooks = [block.attn.register_forward_hook(lambda module, args, out: seen.append((args[0], out[0])))
-             for block in teacher.layers]
     idx = torch.randint(0, 257, (2, 32))
     with torch.no_grad():
-        teacher(idx)
-        for hook in hooks:
-            hook.remove()
-        pairs, _, _ = run['teacher_attention_io'](teacher, idx)
-    assert len(pairs) == len(seen) == 2
-    for (h, a), (h_seen, a_seen) in zip(pairs, seen):
-        assert torch.equal(h, h_seen) and torch.equal(a, a_seen)
+        pairs, cos, sin = run['teacher_attention_io'](teacher, idx)
+        # the residual stream written out by hand: block i's attention reads ln_attn(x_i)
+        cfg = teacher.config
+        ref_cos, ref_sin = rotary_cos_sin(torch.arange(32), int(cfg.head_size * cfg.rotary_pct), cfg.rotary_base)
+        x = teacher.embed(idx)
+        assert len(pairs) == cfg.n_layer == 2 and torch.equal(cos, ref_cos) and torch.equal(sin, ref_sin)
+        for block, (h, a) in zip(teacher.layers, pairs):
+            assert torch.equal(h, block.ln_attn(x)) and torch.equal(a, block.attn(h, cos, sin)[0])
+            x = x + a + block.mlp(block.ln_mlp(x))  # GPT-NeoX's parallel residual
 
 
 def test_attention_transfer_under_ddp_matches_one_process(data_dir, softmax_teacher, tmp_path):
