@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from atomic import atomic_write, atomic_write_text
-from configurator import interrupted, parse_settings, settings_help
+from configurator import check_device, interrupted, parse_settings, settings_help
 from dijiang import CONFIGS, GPT, Cache, DiJiangAttention, GPTConfig, feature_map
 from fast.cuda_graph_decode import CUDAGraphDecoder
 
@@ -102,7 +102,7 @@ def build_settings(overrides):
     s = {**SETTINGS, **overrides}
     if s['device'] == 'auto':
         s['device'] = 'cuda' if torch.cuda.is_available() else 'cpu'
-    check_device(s['device'])
+    check_device(s['device'], ' for a smoke run')
     if s['device'] == 'cpu':
         s.update({name: value for name, value in CPU_SMOKE.items() if name not in overrides})
     if s['model'] not in CONFIGS:
@@ -122,22 +122,6 @@ def build_settings(overrides):
         length_list=positive_ints('lengths', s['lengths'], '1024,8192'),
         decode_batch_list=positive_ints('decode_batches', s['decode_batches'], '1,64'),
         train_block_list=positive_ints('train_blocks', s['train_blocks'], '2048,8192'))
-
-
-def check_device(device):
-    if device == 'cpu':
-        return
-    if not device.startswith('cuda'):
-        raise SystemExit(f"error: device={device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
-    if not torch.cuda.is_available():
-        raise SystemExit(f"error: device={device!r} but torch sees no CUDA GPU: use --device=cpu for a smoke run")
-    try:
-        index = torch.device(device).index
-    except RuntimeError:  # not 'cuda:N'
-        index = -1
-    if index is not None and not 0 <= index < torch.cuda.device_count():
-        raise SystemExit(f"error: device={device!r}: torch sees {torch.cuda.device_count()} GPU(s): use 'cuda' or "
-                         f"'cuda:N' with N below that")
 
 
 def names(setting, text, choices):

@@ -83,15 +83,15 @@ def check_floats(settings, names, positive=False):
         check(ok, name, value, f"give a finite number {'above' if positive else 'of at least'} 0")
 
 
-def check_device(device):
-    """'auto', 'cpu', 'cuda' or 'cuda:N' for a GPU that torch sees."""
+def check_device(device, on_cpu=''):
+    """'auto', 'cpu', 'cuda' or 'cuda:N' for a GPU that torch sees; on_cpu says what --device=cpu gives."""
     import torch
     if device in ('auto', 'cpu'):
         return
     if device != 'cuda' and not device.startswith('cuda:'):
         raise SystemExit(f"error: device={device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
     if not torch.cuda.is_available():
-        raise SystemExit(f"error: device={device!r} but torch sees no CUDA GPU: use --device=cpu")
+        raise SystemExit(f"error: device={device!r} but torch sees no CUDA GPU: use --device=cpu{on_cpu}")
     index = device.partition(':')[2]
     if device != 'cuda' and not (index.isdigit() and int(index) < torch.cuda.device_count()):
         raise SystemExit(f"error: device={device!r}: torch sees {torch.cuda.device_count()} GPU(s): use 'cuda' "

@@ -237,11 +237,7 @@ def finished(run):
 
 
 def run_info(run):
-    path = os.path.join(run.dir, 'run.json')
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
+    return read_json(os.path.join(run.dir, 'run.json'))
 
 
 def launch(run, threads):
