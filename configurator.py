@@ -1,147 +1,159 @@
 """
-The --name=value command line of every script, nanoGPT style. A script lists its settings as plain
-module-level assignments between a '# settings:' comment and a '# ----' line; that block, verbatim,
-is its --help:
+How every script starts and stops. A script lists its settings as plain assignments of literal values
+between a '# settings' comment and a '# ----' line (that block, verbatim, is its --help), defines
+main(), and ends with `configurator.run(main)`.
 
-    # settings: each can be overridden as --name=value
-    lr = 3e-4  # the peak learning rate
-    # -----------------------------------------------------------------------------
-    settings = parse_settings(sys.argv[1:], dict(lr=lr), settings_help(__file__))
+run() sets the settings from the command line, in order: recipe files (config/<script>_<name>.py, the
+same assignments, as nanoGPT's config/) and --name=value overrides, each a Python literal of the
+default's type (a string setting takes the text as written). Then it calls main() inside the project's
+one error boundary: code raises ValueError or OSError with a sentence naming the file or setting and
+the fix, and the user sees it as one line on stderr, 'error: ...', with no traceback. Ctrl-C (exit 130)
+and SIGTERM (exit 143: what torchrun, Slurm and docker send) unwind the run like an exception, so
+`finally` blocks and atomic writes clean up, then one line says what was kept. Only rank 0 speaks.
 """
 
 import ast
-import math
+import glob
 import os
 import signal
 import sys
 import threading
-from contextlib import contextmanager
+
+RANK_0 = os.environ.get('RANK', '0') == '0'
+state = 'starting'  # then 'running' (inside main()), then 'done'
 
 
-def parse_settings(argv, defaults, help_text):
-    """The --name=value overrides in argv, as a dict, checked against defaults (name -> default).
-    Values are Python literals (1e-3, True, (0.9, 0.95)) of the default's type; a string setting takes
-    the text as written (--start=42 is the text '42'). --help prints help_text and exits."""
-    overrides = {}
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM, raised wherever the script is, so that it unwinds."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.exit_status = 128 + signum  # what a shell reports for a process the signal stopped
+
+
+def stop_on_signals():
+    """From now on Ctrl-C and SIGTERM stop the script with one line. Called first thing, before the
+    heavy imports: a signal before main() exits at once, one inside it raises Interrupted."""
+    def handler(signum, frame):
+        if state == 'running':
+            raise Interrupted(signum)
+        if state == 'starting' and RANK_0:  # after main() has returned the work is done: exit quietly
+            os.write(2, b"error: interrupted while starting; nothing was written\n")
+        os._exit(128 + signum)
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, handler)
+
+
+def parse_literal(name, text, default):
+    """The value that --name=text gives a setting whose default is default."""
+    try:
+        value = text if isinstance(default, str) else ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text
+    if isinstance(default, float) and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:
+            value = float(value)  # also 'inf' and 'nan'
+        except ValueError:
+            pass
+    if type(value) is not type(default):
+        raise ValueError(f"--{name}={text}: expected a value like {default!r} ({type(default).__name__})")
+    return value
+
+
+def read_recipe(path, defaults):
+    """The settings a recipe file assigns, {name: value}."""
+    try:
+        with open(path, encoding='utf-8') as f:
+            source = f.read()
+        statements = ast.parse(source, path).body
+    except (OSError, SyntaxError, UnicodeDecodeError) as e:
+        raise ValueError(f"recipe {path} cannot be read ({type(e).__name__}): pass a file of config/") from None
+    values = {}
+    for node in statements:
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+            continue  # its docstring
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and getattr(node.targets[0], 'id', None) in defaults):
+            raise ValueError(f"{path}, line {node.lineno}: a recipe holds only assignments of this script's settings")
+        name = node.targets[0].id
+        values[name] = parse_literal(name, ast.get_source_segment(source, node.value), defaults[name])
+    return values
+
+
+def parse_settings(argv, defaults):
+    """The settings that argv changes, {name: value}, from recipe files and --name=value, in order."""
+    changed = {}
     for arg in argv:
-        if arg in ('-h', '--help'):
-            print(help_text)
-            sys.exit(0)
+        if arg.endswith('.py') and not arg.startswith('--'):
+            changed.update(read_recipe(arg, defaults))
+            continue
         name, eq, text = arg.removeprefix('--').partition('=')
         if not arg.startswith('--') or not eq or name not in defaults:
-            raise SystemExit(f"error: unknown argument {arg!r}: use --name=value with a name from --help")
-        default = defaults[name]
-        try:
-            value = text if isinstance(default, str) else ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            value = text
-        if isinstance(default, float) and isinstance(value, (int, str)) and not isinstance(value, bool):
-            try:
-                value = float(value)  # also 'inf' and 'nan'
-            except ValueError:
-                pass
-        if type(value) is not type(default):
-            raise SystemExit(f"error: --{name}={text}: expected a value like {default!r} ({type(default).__name__})")
-        overrides[name] = value
-    return overrides
+            raise ValueError(f"unknown argument {arg!r}: use --name=value with a name from --help, or a recipe file")
+        changed[name] = parse_literal(name, text, defaults[name])
+    return changed
 
 
-def settings_help(path):
-    """The usage: the file's settings block, verbatim, defaults and comments included."""
-    with open(path) as f:
-        block = f.read().split('# settings:')[1].split('# ----')[0]
-    return f"usage: python {os.path.relpath(path)} [--name=value ...]\n\n# settings:{block.rstrip()}"
+def settings_block(path):
+    """A script's settings block, as text, and the names it assigns."""
+    with open(path, encoding='utf-8') as f:
+        block = f.read().split('# settings', 1)[1].split('# ----')[0]
+    return block.rstrip(), [n.targets[0].id for n in ast.parse(block.partition('\n')[2]).body if isinstance(n, ast.Assign)]
 
 
-# -----------------------------------------------------------------------------
-# What every script does with bad input and with Ctrl-C: one line on stderr, 'error: ...', naming the
-# setting or the file and what to do, and no traceback. The earlier outputs stay as they were: files
-# are written whole under a temporary name and renamed (atomic.py).
+def usage(path):
+    """--help: the settings block, verbatim, and the recipes in config/ for this script."""
+    script = os.path.splitext(os.path.basename(path))[0]
+    lines = [f"usage: python {os.path.relpath(path)} [config/{script}_NAME.py ...] [--name=value ...]", '',
+             f"# settings{settings_block(path)[0]}"]
+    recipes = sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config', f'{script}_*.py')))
+    if recipes:
+        lines += ['', 'recipes (each sets some of the settings above; later arguments override earlier ones):']
+        for recipe in recipes:
+            with open(recipe, encoding='utf-8') as f:
+                lines.append(f"  {os.path.relpath(recipe)}: {(ast.get_docstring(ast.parse(f.read())) or '').partition(chr(10))[0]}")
+    return '\n'.join(lines)
 
 
-def check(ok, setting, value, need):
-    """Stop with 'error: setting=value: need' unless ok."""
+def check(ok, name, value, need):
+    """A bad setting is one ValueError, 'name=value: need'."""
     if not ok:
-        raise SystemExit(f"error: {setting}={value!r}: {need}")
+        raise ValueError(f"{name}={value!r}: {need}")
 
 
-def is_number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def fail(message, status=1):
+    if RANK_0:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(status)
 
 
-def check_ints(settings, least):
-    """Each named int setting is at least least[name]: {name: least}."""
-    for name, low in least.items():
-        check(settings[name] >= low, name, settings[name], f"give {low} or more")
-
-
-def check_floats(settings, names, positive=False):
-    """Each named float setting is finite and >= 0 (> 0 with positive=True)."""
-    for name in names:
-        value = settings[name]
-        ok = is_number(value) and math.isfinite(value) and (value > 0 if positive else value >= 0)
-        check(ok, name, value, f"give a finite number {'above' if positive else 'of at least'} 0")
-
-
-def check_device(device, on_cpu=''):
-    """'auto', 'cpu', 'cuda' or 'cuda:N' for a GPU that torch sees; on_cpu says what --device=cpu gives."""
-    import torch
-    if device in ('auto', 'cpu'):
+def run(main, kept=lambda: 'the files written before this run are as they were'):
+    """Set the script's settings from sys.argv, then run main(); kept() says, in the one line of a run
+    that stops, what is kept and how to go on."""
+    global state
+    script = main.__globals__
+    if {'-h', '--help'} & set(sys.argv[1:]):
+        print(usage(script['__file__']))
         return
-    if device != 'cuda' and not device.startswith('cuda:'):
-        raise SystemExit(f"error: device={device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
-    if not torch.cuda.is_available():
-        raise SystemExit(f"error: device={device!r} but torch sees no CUDA GPU: use --device=cpu{on_cpu}")
-    index = device.partition(':')[2]
-    if device != 'cuda' and not (index.isdigit() and int(index) < torch.cuda.device_count()):
-        raise SystemExit(f"error: device={device!r}: torch sees {torch.cuda.device_count()} GPU(s): use 'cuda' "
-                         "or 'cuda:N' with N below that")
-
-
-def interrupted(kept):
-    """Ctrl-C's line, 'error: interrupted; ' + kept (what is kept, and how to go on), then exit status 130
-    (128 + SIGINT, what a shell reports for a process Ctrl-C stopped). For a script's main(), in
-    `except KeyboardInterrupt`: by then the run has unwound, its temporary files are gone and any
-    progress bar has ended its line."""
-    print(f"error: interrupted; {kept}", file=sys.stderr, flush=True)
-    sys.exit(130)
-
-
-def exit_on_interrupt(kept):
-    """For a script that runs at module level, where no `try` wraps the run (train.py): from now on
-    Ctrl-C (SIGINT) writes 'error: interrupted; ' + kept() as one line (none when kept() is None: the
-    other ranks of a run, which its first one speaks for) and raises SystemExit(130),
-    which unwinds the run as KeyboardInterrupt would (`finally` blocks and atomic writes clean up)
-    and ends it with status 130. The line goes straight to file descriptor 2: a handler may run in
-    the middle of a print, and Python's own stream objects must not be reentered. A second Ctrl-C
-    during the unwinding stops it again, without another line."""
-    def handler(signum, frame):
-        signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
-        try:
-            text = kept()
-        except Exception:  # the run is half set up: say what is certain
-            text = 'the files written before this run are as they were'
-        if text is not None:
-            os.write(2, f"error: interrupted; {text}\n".encode())
-        sys.exit(130)
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, handler)
-
-
-@contextmanager
-def interrupts_deferred():
-    """A Ctrl-C inside the block takes effect when the block is done: for a few renames that must
-    not be cut in half (swapping a finished output in for the old one)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    pending = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+    stop_on_signals()
+    state = 'running'
     try:
-        yield
+        names = settings_block(script['__file__'])[1]
+        script.update(parse_settings(sys.argv[1:], {name: script[name] for name in names}))
+        main()
+    except KeyboardInterrupt as e:  # Interrupted, or Python's own where another handler replaced ours
+        status = getattr(e, 'exit_status', 130)
+        fail(f"{'interrupted' if status == 130 else 'terminated'}; {kept()}", status)
+    except ValueError as e:
+        fail(e)
+    except BrokenPipeError:  # stdout's reader is gone (`| head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
+    except OSError as e:
+        fail(f"{e.filename or 'a file'}: {e.strerror or e}; {kept()}")
+    except (RuntimeError, MemoryError) as e:
+        if not (isinstance(e, MemoryError) or 'out of memory' in str(e) or "can't allocate memory" in str(e)):
+            raise  # a bug, not bad input: its traceback is the report
+        fail(f"out of memory ({(str(e) or type(e).__name__).splitlines()[0][:120]}); {kept()}")
     finally:
-        signal.signal(signal.SIGINT, previous)
-    if pending and callable(previous):
-        previous(signal.SIGINT, None)
-    elif pending and previous != signal.SIG_IGN:
-        raise KeyboardInterrupt
+        state = 'done'
