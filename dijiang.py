@@ -1,21 +1,24 @@
 """
-DiJiang: a GPT-NeoX (Pythia) language model whose softmax attention is replaced by the
-frequency-domain kernel attention of "DiJiang: Efficient Large Language Models through Compact
+DiJiang: a GPT-NeoX (Pythia) or LLaMA-family language model whose softmax attention is replaced by
+the frequency-domain kernel attention of "DiJiang: Efficient Large Language Models through Compact
 Kernelization" (Chen et al., ICML 2024, arXiv 2403.19928).
 
 Read top to bottom:
-  1. GPTConfig and the Pythia suite's named configs
-  2. rotary position embeddings (GPT-NeoX style, on the first rotary_pct of each head)
+  1. GPTConfig and the named configs: the Pythia suite, SmolLM2-135M, LLaMA-2-7B and LLaMA-3-8B
+  2. rotary position embeddings (on the first rotary_pct of each head)
   3. the DiJiang math: the projection P, the feature map phi, the per-head decay, and the
      attention in three forms that compute the same function:
         parallel  - the materialized T x T matrix, the readable reference
         chunk     - a loop over chunks with O(T) memory, for training and prefill
         recurrent - a (D, D) state per head and O(1) work per token, for decoding
-  4. the modules: SoftmaxAttention (Pythia itself), DiJiangAttention, MLP, Block
+  4. the modules: SoftmaxAttention (the pretrained model's), DiJiangAttention, MLP, Block
   5. GPT: forward, generate, checkpoints, and linearizing a softmax checkpoint
+  6. loading a model directory: the model and its tokenizer, on a device
 
-Decays are always relative (gamma^(n-m) with n >= m), never gamma^(-n): the released code's
-D2 = gamma^(-n) overflows fp32 past about 2.8K tokens.
+The two families differ only in config fields: LayerNorm or RMSNorm, a GELU or a SwiGLU MLP, biases
+or none, a parallel or a sequential residual, tied or untied embeddings, the rotary fraction and
+base, and n_kv_head < n_head for grouped-query attention. Decays are always relative (gamma^(n-m)
+with n >= m), never gamma^(-n): the released code's D2 = gamma^(-n) overflows fp32 past ~2.8K tokens.
 """
 
 import json
@@ -31,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from atomic import atomic_write, atomic_write_text
+from tokenizer import Tokenizer
 
 try:  # the fused GPU kernels: Triton ships with PyTorch's CUDA builds, not with the CPU ones
     from fast import triton_attention
@@ -41,8 +45,9 @@ except ImportError:
 # 1. Config
 
 ATTENTIONS = ('softmax', 'dijiang')
-FORMS = ('parallel', 'chunk', 'recurrent')
 FEATURE_MAPS = ('qmc', 'mc', 'performer', 'identity')
+CHOICES = dict(attention=ATTENTIONS, feature_map=FEATURE_MAPS, norm=('layernorm', 'rmsnorm'), mlp=('gelu', 'swiglu'))
+FORMS = ('parallel', 'chunk', 'recurrent')  # how DiJiang is computed: a choice at run time, not in the config
 KERNELS = ('auto', 'torch', 'triton')
 
 
@@ -51,36 +56,54 @@ class GPTConfig:
     vocab_size: int = 50304
     n_layer: int = 6
     n_head: int = 8
+    n_kv_head: int = 0  # 0 means n_head; fewer is grouped-query attention, each key/value head serving a group
     n_embd: int = 512
     intermediate_size: int = 0  # 0 means 4 * n_embd, as in every Pythia model
-    block_size: int = 2048  # Pythia's max_position_embeddings: the softmax model's context limit
+    block_size: int = 2048  # the pretrained context: the softmax model's limit (DiJiang has none)
+    norm: str = 'layernorm'  # 'layernorm' (Pythia) or 'rmsnorm' (LLaMA)
+    norm_eps: float = 1e-5
+    mlp: str = 'gelu'  # 'gelu': down(gelu(up x)) (Pythia), or 'swiglu': down(silu(gate x) * up x) (LLaMA)
+    bias: bool = True  # biases in every linear layer but the head (Pythia), or none (LLaMA)
+    parallel_residual: bool = True  # x + attn(ln1(x)) + mlp(ln2(x)) (GPT-NeoX), or one after the other
+    tie_embeddings: bool = False  # the output head shares the embedding matrix (SmolLM2)
     rotary_pct: float = 0.25  # rotary embeddings on the first rotary_pct of each head's dims
     rotary_base: float = 10000.0
-    parallel_residual: bool = True  # x + attn(ln1(x)) + mlp(ln2(x)), as GPT-NeoX
-    layer_norm_eps: float = 1e-5
-    attention: str = 'dijiang'  # 'softmax' (Pythia) or 'dijiang'
-    form: str = 'chunk'  # 'parallel', 'chunk' or 'recurrent': the same function, three ways
+    attention: str = 'dijiang'  # 'softmax' (the pretrained model) or 'dijiang'
     chunk_size: int = 64
     feature_map: str = 'qmc'  # 'qmc' (the paper's quasi-Monte Carlo), 'mc' (the released code), 'performer'
                               # (orthogonal Gaussian features) or 'identity' (phi(x) = x, an ablation)
     feature_seed: int = 0  # layer i draws its projection with seed feature_seed + i
-    kernel: str = 'auto'  # 'auto' (Triton on CUDA when available), 'torch' or 'triton'
 
     def __post_init__(self):
-        if self.intermediate_size == 0:
-            self.intermediate_size = 4 * self.n_embd
-        for name, allowed in (('attention', ATTENTIONS), ('form', FORMS), ('feature_map', FEATURE_MAPS),
-                              ('kernel', KERNELS)):
+        """Each field of its type and in its range, so that a damaged config.json is one ValueError."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type is float and type(value) is int:
+                setattr(self, f.name, float(value))
+            elif type(value) is not f.type:
+                raise ValueError(f"{f.name}={value!r}: expected {f.type.__name__}")
+        self.n_kv_head = self.n_kv_head or self.n_head
+        self.intermediate_size = self.intermediate_size or 4 * self.n_embd
+        for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}: use one of {', '.join(allowed)}")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
-        if self.chunk_size < 1:
-            raise ValueError(f"chunk_size={self.chunk_size} must be positive")
+        for name in ('vocab_size', 'n_layer', 'n_head', 'n_kv_head', 'n_embd', 'block_size', 'chunk_size'):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: must be positive")
+        if self.n_embd % self.n_head or self.n_head % self.n_kv_head:
+            raise ValueError(f"n_embd={self.n_embd}, n_head={self.n_head}, n_kv_head={self.n_kv_head}: n_embd must "
+                             "divide into n_head heads, and n_head into n_kv_head groups")
+        if not (0 < self.rotary_pct <= 1 and self.rotary_dim % 2 == 0 and self.rotary_base > 0 and self.norm_eps > 0):
+            raise ValueError(f"rotary_pct={self.rotary_pct} (need (0, 1] and an even number of rotary dims per head), "
+                             f"rotary_base={self.rotary_base}, norm_eps={self.norm_eps} (both need > 0)")
 
     @property
     def head_size(self):
         return self.n_embd // self.n_head
+
+    @property
+    def rotary_dim(self):
+        return int(self.head_size * self.rotary_pct)
 
     @classmethod
     def named(cls, name, **overrides):
@@ -89,18 +112,25 @@ class GPTConfig:
         return cls(**{**CONFIGS[name], **overrides})
 
 
-# The Pythia suite (EleutherAI), sizes as in their config.json files; 'tiny' is for tests and CPU demos.
+LLAMA = dict(norm='rmsnorm', mlp='swiglu', bias=False, parallel_residual=False, rotary_pct=1.0)
+# Sizes as in each model's config.json; 'tiny' and 'small' are for tests and the CPU demo.
 CONFIGS = {
-    'tiny':        dict(n_layer=2, n_head=4, n_embd=64),
-    'small':       dict(n_layer=4, n_head=4, n_embd=128),
-    'pythia-70m':  dict(n_layer=6, n_head=8, n_embd=512),
-    'pythia-160m': dict(n_layer=12, n_head=12, n_embd=768),
-    'pythia-410m': dict(n_layer=24, n_head=16, n_embd=1024),
-    'pythia-1b':   dict(n_layer=16, n_head=8, n_embd=2048),
-    'pythia-1.4b': dict(n_layer=24, n_head=16, n_embd=2048),
-    'pythia-2.8b': dict(n_layer=32, n_head=32, n_embd=2560),
-    'pythia-6.9b': dict(n_layer=32, n_head=32, n_embd=4096, vocab_size=50432),
-    'pythia-12b':  dict(n_layer=36, n_head=40, n_embd=5120, vocab_size=50688),
+    'tiny':         dict(n_layer=2, n_head=4, n_embd=64),
+    'small':        dict(n_layer=4, n_head=4, n_embd=128),
+    'pythia-70m':   dict(n_layer=6, n_head=8, n_embd=512),
+    'pythia-160m':  dict(n_layer=12, n_head=12, n_embd=768),
+    'pythia-410m':  dict(n_layer=24, n_head=16, n_embd=1024),
+    'pythia-1b':    dict(n_layer=16, n_head=8, n_embd=2048),
+    'pythia-1.4b':  dict(n_layer=24, n_head=16, n_embd=2048),
+    'pythia-2.8b':  dict(n_layer=32, n_head=32, n_embd=2560),
+    'pythia-6.9b':  dict(n_layer=32, n_head=32, n_embd=4096, vocab_size=50432),
+    'pythia-12b':   dict(n_layer=36, n_head=40, n_embd=5120, vocab_size=50688),
+    'smollm2-135m': dict(LLAMA, n_layer=30, n_head=9, n_kv_head=3, n_embd=576, intermediate_size=1536,
+                         vocab_size=49152, block_size=8192, rotary_base=100000.0, tie_embeddings=True),
+    'llama2-7b':    dict(LLAMA, n_layer=32, n_head=32, n_embd=4096, intermediate_size=11008, vocab_size=32000,
+                         block_size=4096),
+    'llama3-8b':    dict(LLAMA, n_layer=32, n_head=32, n_kv_head=8, n_embd=4096, intermediate_size=14336,
+                         vocab_size=128256, block_size=8192, rotary_base=500000.0),
 }
 
 # -----------------------------------------------------------------------------
@@ -241,50 +271,72 @@ def attention_recurrent(phi_q, phi_k, v, decay, state=None):
 # 4. Modules
 
 
+def norm(config):
+    if config.norm == 'rmsnorm':
+        return nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps)
+
+
+def qkv_projection(config):
+    """One matrix for q, k and v, laid out per key/value head as [q_1 ... q_group | k | v]: with one query
+    head per group that is GPT-NeoX's own per-head [q | k | v], so Pythia's weights load as they are."""
+    return nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * config.head_size, bias=config.bias)
+
+
+def split_heads(qkv, config):
+    """(B, T, (H + 2 H_kv) D) -> q (B, T, H, D), k and v (B, T, H_kv, D); query head h reads key/value
+    head h // (H / H_kv), as Hugging Face's repeat_kv."""
+    B, T, _ = qkv.shape
+    group, D = config.n_head // config.n_kv_head, config.head_size
+    qkv = qkv.view(B, T, config.n_kv_head, group + 2, D)
+    return qkv[:, :, :, :group].reshape(B, T, config.n_head, D), qkv[:, :, :, group], qkv[:, :, :, group + 1]
+
+
 class SoftmaxAttention(nn.Module):
-    """Pythia's attention: causal softmax through F.scaled_dot_product_attention, with a KV cache."""
+    """The pretrained model's attention: causal softmax through F.scaled_dot_product_attention, with a KV cache."""
 
     def __init__(self, config):
         super().__init__()
-        self.n_head, self.head_size = config.n_head, config.head_size
-        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd)
-        self.proj = nn.Linear(config.n_embd, config.n_embd)
+        self.config = config
+        self.qkv = qkv_projection(config)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
 
     def forward(self, x, cos, sin, past=None):
-        """x (B, T, C); past: (k, v) of earlier tokens or None. Returns (y, (k, v))."""
+        """x (B, T, C); past: (k, v) of earlier tokens, each (B, H_kv, T_past, D), or None. Returns (y, (k, v))."""
         B, T, C = x.shape
-        # Pythia lays the fused projection out per head as [q | k | v]
-        q, k, v = self.qkv(x).view(B, T, self.n_head, 3 * self.head_size).split(self.head_size, dim=-1)
+        q, k, v = split_heads(self.qkv(x), self.config)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, D)
         if past is not None:
             k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
-        T_past = k.shape[2] - T
+        T_past, gqa = k.shape[2] - T, self.config.n_kv_head < self.config.n_head
         if T_past == 0:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:  # the new tokens see all of the past and are causal among themselves
             mask = torch.ones(T, T_past + T, dtype=torch.bool, device=x.device).tril(diagonal=T_past)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.proj(y), (k, v)
 
 
 class DiJiangAttention(nn.Module):
     """DiJiang attention, as the released code computes it:
-    rotary q, k -> phi = softmax(. @ P) -> decayed linear attention -> GroupNorm -> * silu(x W_G) -> dense."""
+    rotary q, k -> phi = softmax(. @ P) -> decayed linear attention -> GroupNorm -> * silu(x W_G) -> dense.
+    With grouped-query attention each query head keeps its own state and decay, over its group's
+    shared keys and values: exactly the softmax model's sharing, with the kernel in place of softmax."""
 
     def __init__(self, config, layer_idx):
         super().__init__()
         self.config = config
-        self.n_head, self.head_size = config.n_head, config.head_size
-        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd)
-        self.proj = nn.Linear(config.n_embd, config.n_embd)
+        self.form, self.kernel = 'chunk', 'auto'  # how it is computed, set by GPT.set_form
+        self.qkv = qkv_projection(config)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.gate = nn.Linear(config.n_embd, config.n_embd, bias=False)  # the released W_G (gate.weight = W_G^T)
         nn.init.xavier_uniform_(self.gate.weight, gain=2 ** -2.5)
         # The released grouping: head_size groups over the concatenated heads, so the groups do not line
         # up with the heads (70M: 64 groups of 8 channels across 8 heads). Kept for exact imports.
         self.group_norm = nn.GroupNorm(num_groups=config.head_size, num_channels=config.n_embd, eps=1e-5)
-        # Fixed, not trained, saved with the model. They must stay fp32 (GPT.to_dtype keeps them so):
+        # Fixed, not learned: buffers, saved with the model. They must stay fp32 (GPT.to_dtype keeps them so):
         # gamma = 0.998 would round to 1.0 in bf16 and the memory would never fade.
         self.register_buffer('feature_proj', projection_matrix(config.head_size, config.feature_map,
                                                                config.feature_seed + layer_idx))
@@ -294,8 +346,8 @@ class DiJiangAttention(nn.Module):
         """x (B, T, C); past: the recurrent state (B, H, D, D) fp32 after earlier tokens, or None.
         Returns (y, state after the last token)."""
         B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, self.n_head, 3 * self.head_size).split(self.head_size, dim=-1)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # (B, T, H, D)
+        q, k, v = split_heads(self.qkv(x), self.config)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # (B, T, H or H_kv, D)
         o, state = self.attend(q, k, v, past)  # (B, T, H, D)
         y = self.group_norm(o.reshape(B * T, C)).view(B, T, C)  # per token, over the concatenated heads
         y = y * F.silu(self.gate(x))
@@ -303,23 +355,25 @@ class DiJiangAttention(nn.Module):
 
     def uses_triton(self, q):
         """kernel='auto': the fused Triton kernels for the chunk form and its decoding steps, on CUDA."""
-        cfg = self.config
-        if cfg.kernel == 'torch' or cfg.form != 'chunk':
+        if self.kernel == 'torch' or self.form != 'chunk':
             return False
+        cfg = self.config
         supported = (q.is_cuda and triton_attention is not None and cfg.feature_map != 'identity'
                      and cfg.head_size <= 128 and cfg.chunk_size in (16, 32, 64, 128))
-        if cfg.kernel == 'triton' and not supported:
+        if self.kernel == 'triton' and not supported:
             raise ValueError("kernel='triton' needs CUDA, Triton, head_size <= 128, chunk_size in 16/32/64/128 "
                              "and a softmax feature map: use kernel='auto' or 'torch'")
         return supported
 
     def attend(self, q, k, v, past):
-        """The decayed linear attention on rotary q, k and on v, each (B, T, H, D). Autocast is off
-        here: the forms choose their own precision (fp32 features, decays and states), which bf16
+        """The decayed linear attention on rotary q (B, T, H, D), k and v (B, T, H_kv, D). Autocast is
+        off here: the forms choose their own precision (fp32 features, decays and states), which bf16
         would spoil over long contexts."""
         if self.decay.dtype not in (torch.float32, torch.float64):
             raise ValueError(f"the DiJiang decay is {self.decay.dtype} (gamma would round to 1): cast models with "
                              "GPT.to_dtype(dtype), which keeps the fixed buffers fp32, not with .to(dtype)")
+        group = self.config.n_head // self.config.n_kv_head
+        k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)  # each query head its own copy
         with torch.autocast(q.device.type, enabled=False):
             if self.uses_triton(q):  # the fused kernels compute the feature map themselves
                 if q.shape[1] == 1 and past is not None:  # a decoding step: the state is updated in place
@@ -330,9 +384,9 @@ class DiJiangAttention(nn.Module):
                 phi_q, phi_k = q, k
             else:
                 phi_q, phi_k = feature_map(q, self.feature_proj), feature_map(k, self.feature_proj)
-            if self.config.form == 'recurrent' or q.shape[1] == 1:  # one new token is one recurrent step
+            if self.form == 'recurrent' or q.shape[1] == 1:  # one new token is one recurrent step
                 return attention_recurrent(phi_q, phi_k, v, self.decay, past)
-            if self.config.form == 'chunk':
+            if self.form == 'chunk':
                 return attention_chunk(phi_q, phi_k, v, self.decay, past, self.config.chunk_size)
             return attention_parallel(phi_q, phi_k, v, self.decay, past)
 
@@ -341,11 +395,14 @@ class MLP(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.up = nn.Linear(config.n_embd, config.intermediate_size)
-        self.down = nn.Linear(config.intermediate_size, config.n_embd)
+        self.up = nn.Linear(config.n_embd, config.intermediate_size, bias=config.bias)
+        self.gate = nn.Linear(config.n_embd, config.intermediate_size, bias=config.bias) if config.mlp == 'swiglu' else None
+        self.down = nn.Linear(config.intermediate_size, config.n_embd, bias=config.bias)
 
     def forward(self, x):
-        return self.down(F.gelu(self.up(x)))  # exact (erf) GELU, as Pythia
+        if self.gate is None:
+            return self.down(F.gelu(self.up(x)))  # exact (erf) GELU, as Pythia
+        return self.down(F.silu(self.gate(x)) * self.up(x))  # SwiGLU, as LLaMA
 
 
 class Block(nn.Module):
@@ -353,8 +410,7 @@ class Block(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
         self.parallel_residual = config.parallel_residual
-        self.ln_attn = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
-        self.ln_mlp = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
+        self.ln_attn, self.ln_mlp = norm(config), norm(config)
         self.attn = DiJiangAttention(config, layer_idx) if config.attention == 'dijiang' else SoftmaxAttention(config)
         self.mlp = MLP(config)
 
@@ -378,6 +434,8 @@ class Cache:
 
 # what a DiJiang layer has beyond a softmax one: initialized, not imported, when linearizing
 DIJIANG_ONLY_KEYS = ('attn.gate.weight', 'attn.group_norm.weight', 'attn.group_norm.bias', 'attn.feature_proj', 'attn.decay')
+RENAMED_FIELDS = {'layer_norm_eps': 'norm_eps'}  # config fields of older checkpoints
+RUNTIME_FIELDS = ('form', 'kernel')  # saved in the config by older checkpoints: now chosen at run time
 
 
 def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None):
@@ -399,14 +457,16 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None):
 
 class GPT(nn.Module):
 
-    def __init__(self, config):
+    def __init__(self, config, form='chunk', kernel='auto'):
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.n_embd)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)  # untied, as Pythia
+        self.ln_f = norm(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.init_weights()
+        self.tie_weights()
+        self.set_form(form, kernel)
 
     def init_weights(self):
         # GPT-NeoX's normal(0, 0.02), with the residual outputs scaled down by the depth (GPT-2);
@@ -416,8 +476,22 @@ class GPT(nn.Module):
                 nn.init.zeros_(p)
             elif name.endswith(('attn.proj.weight', 'mlp.down.weight')):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * self.config.n_layer))
-            elif p.dim() == 2 and not name.endswith('gate.weight'):
+            elif p.dim() == 2 and not name.endswith('attn.gate.weight'):
                 nn.init.normal_(p, std=0.02)
+
+    def tie_weights(self):
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def set_form(self, form='chunk', kernel='auto'):
+        """How the DiJiang layers compute, which does not change what: the form ('chunk', 'parallel' or
+        'recurrent') and the kernel ('auto': Triton on CUDA where it applies, 'torch' or 'triton')."""
+        if form not in FORMS or kernel not in KERNELS:
+            raise ValueError(f"form={form!r}, kernel={kernel!r}: use a form of {', '.join(FORMS)} and a kernel of "
+                             f"{', '.join(KERNELS)}")
+        for block in self.layers:
+            block.attn.form, block.attn.kernel = form, kernel
+        return self
 
     def to_dtype(self, dtype):
         """Cast the weights to dtype (bf16 or fp16 for inference). Only parameters are cast: the
@@ -439,6 +513,14 @@ class GPT(nn.Module):
             attention = 3 * cfg.n_layer * cfg.n_head * (8 * D * D + 4 * min(cfg.chunk_size, T) * D)
         return 6 * self.num_params() + attention
 
+    def cache_bytes(self, batch, context, dtype=torch.bfloat16):
+        """What decoding holds for batch sequences at context tokens: per layer, the softmax model's keys
+        and values, 2 (B, H_kv, context, D) in dtype, or DiJiang's one state (B, H, D, D) in fp32."""
+        cfg = self.config
+        if cfg.attention == 'softmax':
+            return 2 * cfg.n_layer * batch * cfg.n_kv_head * context * cfg.head_size * dtype.itemsize
+        return cfg.n_layer * batch * cfg.n_head * cfg.head_size ** 2 * 4
+
     def new_cache(self):
         return Cache(pos=0, layers=[None] * self.config.n_layer)
 
@@ -452,7 +534,7 @@ class GPT(nn.Module):
             raise ValueError(f"{start + T} tokens of context, but this softmax model has block_size="
                              f"{self.config.block_size}: shorten the input, or use attention='dijiang'")
         positions = start + torch.arange(T, device=idx.device)  # start may be a tensor (a CUDA-graph decoder)
-        cos, sin = rotary_cos_sin(positions, int(self.config.head_size * self.config.rotary_pct), self.config.rotary_base)
+        cos, sin = rotary_cos_sin(positions, self.config.rotary_dim, self.config.rotary_base)
         x = self.embed(idx)  # (B, T, C)
         for i, block in enumerate(self.layers):
             x, state = block(x, cos, sin, None if cache is None else cache.layers[i])
@@ -502,34 +584,48 @@ class GPT(nn.Module):
         atomic_write_text(os.path.join(out_dir, 'config.json'), json.dumps(config, indent=2) + '\n')
 
     @classmethod
-    def from_checkpoint(cls, path, **overrides):
-        """Load a directory written by convert.py or train.py. overrides replace config fields, e.g.
-        form='recurrent'; attention='dijiang' on a softmax checkpoint linearizes it (the paper's
-        method): every pretrained weight is kept, and the DiJiang-only parts keep their fresh init."""
-        ckpt = load_checkpoint(path)
+    def from_checkpoint(cls, path, form='chunk', kernel='auto', **overrides):
+        """Load a directory written by convert.py or train.py. overrides replace config fields;
+        attention='dijiang' on a softmax checkpoint linearizes it (the paper's method): every pretrained
+        weight is kept, and the DiJiang-only parts keep their fresh init."""
+        return cls.from_state(load_checkpoint(path), path, form, kernel, **overrides)
+
+    @classmethod
+    def from_state(cls, ckpt, path, form='chunk', kernel='auto', **overrides):
+        """from_checkpoint on the dict that load_checkpoint(path) returned."""
         ckpt_path = os.path.join(path, 'ckpt.pt')
+        saved = {RENAMED_FIELDS.get(k, k): v for k, v in ckpt['config'].items() if k not in RUNTIME_FIELDS}
         known = {f.name for f in fields(GPTConfig)}
-        for where, names in (('overrides', overrides), (f"{ckpt_path}'s config", ckpt['config'])):
+        for where, names in (('overrides', overrides), (f"{ckpt_path}'s config", saved)):
             if set(names) - known:
                 raise ValueError(f"unknown config field(s) in {where}: {', '.join(sorted(set(names) - known))}; "
                                  f"the fields are {', '.join(sorted(known))}")
-        config = GPTConfig(**{**ckpt['config'], **overrides})  # a bad override's ValueError names it
-        linearize = ckpt['config'].get('attention', 'dijiang') == 'softmax' and config.attention == 'dijiang'
+        config = GPTConfig(**{**saved, **overrides})  # a bad field's ValueError names it
+        linearize = saved.get('attention', 'dijiang') == 'softmax' and config.attention == 'dijiang'
+        for key, tensor in ckpt['model'].items():
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise ValueError(f"{ckpt_path}: weight {key} holds NaN or inf: the model is damaged (a diverged run "
+                                 "or a bad conversion); use an earlier checkpoint")
         # built on the meta device, then given the memory-mapped weights: a big model is held once
         # (a linearized one is built for real, since its new parts are not in the checkpoint)
-        try:  # a config field of the wrong type or a weight of another shape: a damaged or foreign file
+        try:  # a weight of another shape: a damaged or foreign file
             with torch.device('cpu' if linearize else 'meta'):
-                model = cls(config)
+                model = cls(config, form, kernel)
             missing, unexpected = model.load_state_dict(ckpt['model'], strict=False, assign=True)
-        except (TypeError, ZeroDivisionError, RuntimeError) as e:
+        except RuntimeError as e:
             detail = str(e).strip().splitlines()[-1].strip()[:200] if str(e).strip() else type(e).__name__
             raise ValueError(f"{ckpt_path}: its weights and config do not make a model ({detail}): the file is damaged "
                              "or was not written by train.py or convert.py") from None
-        missing = [key for key in missing if not (linearize and key.endswith(DIJIANG_ONLY_KEYS))]
+        model.tie_weights()  # assign=True gave the head and the embedding separate tensors
+        missing = [key for key in missing if not (linearize and key.endswith(DIJIANG_ONLY_KEYS))
+                   and not (config.tie_embeddings and key == 'lm_head.weight')]
         if missing or unexpected:
-            raise ValueError(f"{path}/ckpt.pt does not match the config (attention={config.attention!r}): missing "
+            raise ValueError(f"{ckpt_path} does not match the config (attention={config.attention!r}): missing "
                              f"{missing[:4]}, unexpected {unexpected[:4]}; check the overrides")
         return model
+
+# -----------------------------------------------------------------------------
+# 6. Loading a model directory
 
 
 def load_checkpoint(path):
@@ -542,8 +638,34 @@ def load_checkpoint(path):
     except Exception as e:  # random bytes, a truncated file, an old pickle: torch names each differently
         raise ValueError(f"{ckpt_path} is not a readable checkpoint ({type(e).__name__}): it is damaged or "
                          "was not written by train.py or convert.py; restore it or write it again") from None
-    if not isinstance(ckpt, dict) or not {'config', 'model'} <= set(ckpt) or \
-            not isinstance(ckpt['config'], dict) or not isinstance(ckpt['model'], dict):
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get('config'), dict) or not isinstance(ckpt.get('model'), dict):
         raise ValueError(f"{ckpt_path} is not a dijiang checkpoint (no config and model entries): "
                          "write it with train.py or convert.py")
     return ckpt
+
+
+def pick_device(device='auto', dtype='auto'):
+    """device ('auto': CUDA when torch sees a GPU, else the CPU) and dtype ('auto': bfloat16 on a GPU
+    that has it, else float32) resolved, as (device string, torch dtype); ValueError for a GPU torch lacks."""
+    if device == 'auto':
+        device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = device.partition(':')[2]
+    if device != 'cpu' and not (device in ('cuda', 'cuda:') or (device.startswith('cuda:') and index.isdigit())):
+        raise ValueError(f"device={device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    if device != 'cpu' and (gpus == 0 or int(index or 0) >= gpus):
+        raise ValueError(f"device={device!r}, but torch sees {gpus} CUDA GPU(s): use --device=cpu, or a GPU it sees")
+    if dtype == 'auto':
+        dtype = 'bfloat16' if device != 'cpu' and torch.cuda.is_bf16_supported() else 'float32'
+    if dtype not in ('float32', 'bfloat16', 'float16'):
+        raise ValueError(f"dtype={dtype!r}: use 'auto', 'float32', 'bfloat16' or 'float16'")
+    return device, getattr(torch, dtype)
+
+
+def load(path, device='auto', dtype='auto', **overrides):
+    """The model in a directory that convert.py or train.py wrote, ready to run (eval mode, weights in
+    dtype on device, as pick_device resolves them), and its tokenizer. overrides go to from_checkpoint."""
+    device, dtype = pick_device(device, dtype)
+    ckpt = load_checkpoint(path)
+    model = GPT.from_state(ckpt, path, **overrides).to(device).to_dtype(dtype).eval()
+    return model, Tokenizer.for_model(path, ckpt.get('tokenizer'))

@@ -8,23 +8,28 @@ Sample from a model trained by train.py or converted by convert.py, printing tex
 
 A DiJiang model reads the prompt in its chunk form, then decodes from the recurrent state: every new
 token costs the same time and memory at any context length, and there is no context limit. A softmax
-(Pythia) model decodes with a KV cache that grows with every token and ends at block_size tokens.
+model decodes with a KV cache that grows with every token and ends at block_size tokens.
 
 stdout gets the text only: each sample is the prompt followed by what the model wrote, and samples
 are separated by a line of dashes. What was loaded and how fast it decoded go to stderr.
 """
 
-import math
-import os
-import sys
-import time
+import configurator
 
-import torch
+configurator.stop_on_signals()  # before the heavy imports: Ctrl-C while torch loads is one line too
 
-from configurator import check, check_device, interrupted, parse_settings, settings_help
-from dijiang import GPT, load_checkpoint
-from fast.cuda_graph_decode import CUDAGraphDecoder
-from tokenizer import Tokenizer
+import os  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+# OpenMP's worker threads spin while they wait for work, which makes a model on a busy CPU many times
+# slower; waiting passively costs little on an idle one. OpenMP reads this when torch loads it.
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+
+import torch  # noqa: E402
+
+from dijiang import load  # noqa: E402
+from fast.cuda_graph_decode import CUDAGraphDecoder  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # settings: each can be overridden as --name=value
@@ -40,54 +45,6 @@ device = 'auto'  # 'auto' (cuda when available, else cpu), 'cpu', 'cuda', 'cuda:
 dtype = 'auto'  # 'auto' (bfloat16 on CUDA, float32 on CPU), 'bfloat16', 'float16' or 'float32'
 compile = False  # torch.compile the model (dijiang on CUDA: the decoding step inside its CUDA graph)
 # -----------------------------------------------------------------------------
-SETTINGS = {name: value for name, value in globals().items()
-            if not name.startswith('_') and isinstance(value, (bool, int, float, str))}
-
-
-def load_tokenizer(out_dir, ckpt):
-    """The model's tokenizer: byte-level when its checkpoint says so (train.py on the default corpus),
-    else Pythia's BPE from the tokenizer.json that train.py and convert.py put beside ckpt.pt."""
-    if ckpt.get('tokenizer') == 'bytes':
-        return Tokenizer.bytes()
-    if os.path.isfile(os.path.join(out_dir, 'tokenizer.json')):
-        try:
-            return Tokenizer.from_dir(out_dir)
-        except ValueError as e:
-            raise SystemExit(f"error: {e}")
-    raise SystemExit(f"error: {out_dir} has no tokenizer.json and its ckpt.pt does not say tokenizer='bytes': "
-                     f"copy the model's tokenizer.json (e.g. from its Pythia download) into {out_dir}")
-
-
-def read_prompt(start):
-    if not start.startswith('FILE:'):
-        return start
-    path = start.removeprefix('FILE:')
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: --start=FILE:{path}: no such file")
-    try:
-        with open(path, encoding='utf-8') as f:
-            return f.read()
-    except UnicodeDecodeError as e:
-        raise SystemExit(f"error: --start=FILE:{path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
-                         f"{e.start}): save the prompt as UTF-8") from None
-    except OSError as e:
-        raise SystemExit(f"error: --start=FILE:{path}: cannot be read ({e.strerror})") from None
-
-
-def human_bytes(n):
-    unit = max((u for u in range(4) if n >= 1024 ** u), default=0)
-    return f"{n / 1024 ** unit:.4g} {['B', 'KiB', 'MiB', 'GiB'][unit]}"
-
-
-def decoding_memory(config, dtype):
-    """What decoding holds per sequence: DiJiang's fixed (H, D, D) fp32 state per layer, or the
-    softmax model's keys and values, 2 * (H, D) per layer for every token of context."""
-    H, D, L = config.n_head, config.head_size, config.n_layer
-    if config.attention == 'dijiang':
-        return f"decoding state {human_bytes(L * H * D * D * 4)} per sequence, the same at any context length"
-    per_token = 2 * L * H * D * dtype.itemsize
-    return (f"KV cache {human_bytes(per_token)} per token of context, "
-            f"{human_bytes(per_token * config.block_size)} at the limit of {config.block_size} tokens")
 
 
 class TextStream:
@@ -123,63 +80,66 @@ class TextStream:
         return text
 
 
+def read_prompt(start):
+    if not start.startswith('FILE:'):
+        return start
+    path = start.removeprefix('FILE:')
+    if not os.path.isfile(path):
+        raise ValueError(f"--start=FILE:{path}: {'a folder, not a file' if os.path.isdir(path) else 'no such file'}")
+    try:
+        with open(path, encoding='utf-8') as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--start=FILE:{path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+                         f"{e.start}): save the prompt as UTF-8") from None
+
+
 def check_settings():
     """Each setting on its own: the first bad one stops the run with one line that names it."""
-    check(math.isfinite(temperature) and temperature >= 0, 'temperature', temperature,
-          'give 0 (greedy) or more: below 1 sharpens the distribution, above 1 flattens it')
+    check = configurator.check
+    # below 0.001 the scaled logits overflow fp32 and sampling has no distribution left: that is greedy
+    check(temperature == 0 or 1e-3 <= temperature < float('inf'), 'temperature', temperature,
+          'give 0 (greedy) or from 0.001 up: below 1 sharpens the distribution, above 1 flattens it')
     check(top_k >= 0, 'top_k', top_k, 'give 0 (all tokens) or more')
     check(0 < top_p <= 1, 'top_p', top_p, 'give a number above 0, at most 1 (1 means all tokens)')
     check(num_samples >= 1, 'num_samples', num_samples, 'give 1 or more')
     check(max_new_tokens >= 1, 'max_new_tokens', max_new_tokens, 'give 1 or more')
     check(0 <= seed < 2 ** 32, 'seed', seed, 'give a seed from 0 to 2**32 - 1')
-    check(dtype in ('auto', 'bfloat16', 'float16', 'float32'), 'dtype', dtype, "use 'auto', 'bfloat16', 'float16' or 'float32'")
-    check_device(device)
 
 
 def main():
-    global device, dtype
     check_settings()
-    if device == 'auto':
-        device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    if dtype == 'auto':
-        dtype = 'bfloat16' if device.startswith('cuda') and torch.cuda.is_bf16_supported() else 'float32'
     torch.manual_seed(seed)
     text = read_prompt(start)
+    model, tokenizer = load(out_dir, device, dtype)
+    config, run_device = model.config, model.lm_head.weight.device
 
-    # model and tokenizer
-    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-    if not os.path.isfile(ckpt_path):
-        raise SystemExit(f"error: no checkpoint at {ckpt_path}: pass --out_dir=DIR written by train.py or convert.py")
-    try:
-        tokenizer = load_tokenizer(out_dir, load_checkpoint(out_dir))
-        model = GPT.from_checkpoint(out_dir)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}")
-    config, torch_dtype = model.config, getattr(torch, dtype)
-    model = model.to(device).to_dtype(torch_dtype).eval()
-
-    # the prompt
     prompt = tokenizer.encode(text)
     if not prompt:
-        raise SystemExit("error: the prompt is empty: pass --start=TEXT or --start=FILE:path")
+        raise ValueError("the prompt is empty: pass --start=TEXT or --start=FILE:path")
     if max(prompt) >= config.vocab_size:
-        raise SystemExit(f"error: the prompt has token id {max(prompt)} but the model's vocab_size is {config.vocab_size}: "
+        raise ValueError(f"the prompt has token id {max(prompt)} but the model's vocab_size is {config.vocab_size}: "
                          f"{out_dir}/tokenizer.json is not this model's tokenizer")
     context = len(prompt) + max_new_tokens - 1  # the last new token is printed, never fed back
     if config.attention == 'softmax' and context > config.block_size:
-        raise SystemExit(f"error: the prompt ({len(prompt)} tokens) and max_new_tokens={max_new_tokens} need {context} "
+        raise ValueError(f"the prompt ({len(prompt)} tokens) and max_new_tokens={max_new_tokens} need {context} "
                          f"tokens of context, but this softmax model has block_size={config.block_size}: shorten "
                          f"--start or lower --max_new_tokens (a dijiang model has no context limit)")
-    idx = torch.tensor([prompt], dtype=torch.long, device=device)  # (1, T)
+    idx = torch.tensor([prompt], dtype=torch.long, device=run_device)  # (1, T)
 
     # On CUDA a DiJiang model decodes through a CUDA graph (compiled with --compile=True): its state has a
     # fixed size, so one captured step serves every token. Otherwise the model's own eager steps run.
-    cuda_graph = config.attention == 'dijiang' and device.startswith('cuda')
+    cuda_graph = config.attention == 'dijiang' and run_device.type == 'cuda'
     decoder = CUDAGraphDecoder(model, batch_size=1, compile=compile) if cuda_graph else None
     if compile and not cuda_graph:
         model.compile(dynamic=True)  # a KV cache grows every step: let one compiled graph take any length
-    print(f"{out_dir}: {config.attention} model, {model.num_params() / 1e6:.1f}M parameters, {device} {dtype}, "
-          f"{decoding_memory(config, torch_dtype)}{', each token one CUDA graph' if cuda_graph else ''}", file=sys.stderr)
+    weights = model.lm_head.weight.dtype
+    memory = (f"decoding state {model.cache_bytes(1, 1) / 2 ** 20:.3g} MiB, the same at any context length"
+              if config.attention == 'dijiang' else f"KV cache {model.cache_bytes(1, 1, weights) / 2 ** 10:.3g} KiB "
+              f"per token, {model.cache_bytes(1, config.block_size, weights) / 2 ** 20:.4g} MiB at {config.block_size}")
+    print(f"{out_dir}: {config.attention} model, {model.num_params() / 1e6:.1f}M parameters, {run_device} "
+          f"{str(weights).removeprefix('torch.')}, {memory}{', each token one CUDA graph' if cuda_graph else ''}",
+          file=sys.stderr)
 
     for _ in range(num_samples):
         stream = TextStream(tokenizer)
@@ -199,11 +159,4 @@ def main():
 
 
 if __name__ == '__main__':
-    try:
-        globals().update(parse_settings(sys.argv[1:], SETTINGS, settings_help(__file__)))
-        main()
-    except KeyboardInterrupt:
-        interrupted('sample.py writes no files: the text so far is on stdout')
-    except BrokenPipeError:  # stdout's reader is gone (`| head`): stop quietly, as other Unix tools do
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush does not fail again
-        sys.exit(141)  # 128 + SIGPIPE, what a shell reports for a process a closed pipe stopped
+    configurator.run(main, kept=lambda: 'sample.py writes no files: the text so far is on stdout')

@@ -65,6 +65,17 @@ class Tokenizer:
         return cls.from_file(os.path.join(dir, 'tokenizer.json'))
 
     @classmethod
+    def for_model(cls, dir, identity):
+        """A model directory's tokenizer: its tokenizer.json, or the byte-level one when the checkpoint's
+        tokenizer identity says 'bytes' (train.py on a built-in corpus)."""
+        if identity == 'bytes':
+            return cls.bytes()
+        if not os.path.isfile(os.path.join(dir, 'tokenizer.json')):
+            raise ValueError(f"{dir} has no tokenizer.json and its checkpoint does not say tokenizer='bytes': copy "
+                             f"the model's tokenizer.json (e.g. from its Hugging Face folder) into {dir}")
+        return cls.from_dir(dir)
+
+    @classmethod
     def from_file(cls, path):
         """Pythia's tokenizer from its tokenizer.json; ValueError naming the file if it is not one."""
         if not os.path.isfile(path):

@@ -12,8 +12,6 @@ and replayed with a single launch per token.
 
 import torch
 
-from dijiang import Cache
-
 
 def decoding_inductor(graph_module, example_inputs):
     """torch.compile's backend for one-token decoding steps: inductor, with every one-row matrix
@@ -63,7 +61,8 @@ class CUDAGraphDecoder:
             self.logits = self._step()  # (B, 1, vocab_size), rewritten by every replay
 
     def _step(self):
-        cache = Cache(pos=self.position, layers=list(self.states))
+        cache = self.model.new_cache()
+        cache.pos, cache.layers = self.position, list(self.states)
         logits, _ = self.step_model(self.token, cache=cache)
         self._load_states(cache)
         return logits

@@ -4,6 +4,7 @@ Tolerances throughout are relative errors ||x - ref|| / ||ref||: fp32 against fl
 1e-7 over a few thousand terms (tests allow 1e-5); bf16 inputs and bf16 matrix products, 1e-2.
 """
 import os
+import runpy
 import signal
 import sys
 
@@ -39,6 +40,33 @@ def reference_attention(q, k, v, proj, decay, initial_state=None):
         o = o + torch.einsum('bnhd,bhde->bnhe', phi_q * from_start, s0)
         final = final + gamma[None, :, None, None] ** T * s0
     return o, final
+
+
+def run_script(capture, script, *args):
+    """`python script args` in this process (no second interpreter start-up: torch is imported once).
+    capture is pytest's capsys or capfd. Returns (exit status, stdout, stderr)."""
+    argv, threads = sys.argv, torch.get_num_threads()
+    sys.argv, status = [script, *args], 0
+    try:
+        runpy.run_path(os.path.join(REPO, script), run_name='__main__')
+    except SystemExit as e:
+        status = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+    finally:
+        sys.argv = argv
+        torch.set_num_threads(threads)
+    out, err = capture.readouterr()
+    return status, out, err
+
+
+def assert_one_error_line(status, out, err, *names, code=None):
+    """A failing status (or exactly code), stderr one line 'error: ...' naming each of names, no traceback."""
+    assert status != 0 if code is None else status == code, (status, err)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith('error: '), err
+    for name in names:
+        assert name in lines[0], (name, lines[0])
+    assert 'Traceback' not in out + err
+    return lines[0]
 
 
 @pytest.fixture(autouse=True)

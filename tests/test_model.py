@@ -3,11 +3,13 @@
 Tolerances are relative errors ||x - ref|| / ||ref||: 1e-5 for fp32 against float64 (fp32 rounding
 over a few thousand terms lands near 1e-7), 1e-2 for bf16 inputs.
 """
+import json
 import math
 
 import pytest
 import torch
 
+import dijiang
 from conftest import reference_attention, rel_err
 from dijiang import (GPT, GPTConfig, attention_chunk, attention_parallel, attention_recurrent, decay_schedule,
                      feature_map, projection_matrix)
@@ -147,13 +149,13 @@ def tiny_config(**overrides):
 @pytest.mark.parametrize('parallel_residual', [True, False])
 def test_model_forms_agree_on_logits_and_every_gradient(parallel_residual):
     torch.manual_seed(0)
-    ref_model = GPT(tiny_config(form='parallel', parallel_residual=parallel_residual)).double()
+    ref_model = GPT(tiny_config(parallel_residual=parallel_residual), form='parallel').double()
     idx = torch.randint(0, 97, (2, 65))
     targets = torch.randint(0, 97, (2, 65))
     ref_logits, ref_loss = ref_model(idx, targets)
     ref_loss.backward()
     for form, chunk_size in (('parallel', 64), ('chunk', 64), ('chunk', 13), ('recurrent', 64)):
-        model = GPT(tiny_config(form=form, chunk_size=chunk_size, parallel_residual=parallel_residual))
+        model = GPT(tiny_config(chunk_size=chunk_size, parallel_residual=parallel_residual), form=form)
         model.load_state_dict(ref_model.state_dict())
         logits, loss = model(idx, targets)
         loss.backward()
@@ -181,9 +183,9 @@ def test_identity_feature_map_is_decayed_linear_attention():
 
 def test_prefill_with_chunk_then_continue_recurrent_equals_one_parallel_pass():
     torch.manual_seed(1)
-    model = GPT(tiny_config(form='chunk', chunk_size=16))
+    model = GPT(tiny_config(chunk_size=16), form='chunk')
     idx = torch.randint(0, 97, (3, 90))
-    full = GPT(tiny_config(form='parallel'))
+    full = GPT(tiny_config(), form='parallel')
     full.load_state_dict(model.state_dict())
     with torch.no_grad():
         ref, _ = full(idx)
@@ -253,7 +255,8 @@ def test_checkpoint_round_trip_and_overrides(tmp_path):
     model.save_checkpoint(tmp_path, step=7)
     assert sorted(p.name for p in tmp_path.iterdir()) == ['ckpt.pt', 'config.json']
     loaded = GPT.from_checkpoint(tmp_path, form='recurrent')
-    assert loaded.config.form == 'recurrent' and loaded.config.feature_map == 'mc'
+    assert loaded.layers[0].attn.form == 'recurrent' and loaded.config.feature_map == 'mc'
+    assert 'form' not in json.loads((tmp_path / 'config.json').read_text())  # how to run is not what the model is
     idx = torch.randint(0, 97, (1, 20))
     with torch.no_grad():
         assert rel_err(loaded(idx)[0], model(idx)[0]) < 1e-5
@@ -262,7 +265,7 @@ def test_checkpoint_round_trip_and_overrides(tmp_path):
     with pytest.raises(ValueError, match='convert.py or train.py'):
         GPT.from_checkpoint(tmp_path / 'missing')
     with pytest.raises(ValueError, match="form='sideways'"):
-        tiny_config(form='sideways')
+        GPT(tiny_config(), form='sideways')
 
 
 def test_linearizing_a_softmax_checkpoint_keeps_every_pretrained_weight(tmp_path):
@@ -293,3 +296,84 @@ def test_named_configs_have_pythia_sizes():
     # DiJiang adds W_G (C x C) and a GroupNorm (2 C) per layer: 1.57M for 70M, as the notes say
     assert dijiang.num_params() - expected['pythia-70m'] == 6 * (512 * 512 + 2 * 512)
     assert math.isclose(6 * 512 * 512 / 1e6, 1.57, rel_tol=0.01)
+
+
+LLAMA_TINY = dict(vocab_size=97, n_layer=2, n_head=6, n_kv_head=2, n_embd=48, intermediate_size=40, norm='rmsnorm',
+                  mlp='swiglu', bias=False, parallel_residual=False, rotary_pct=1.0, rotary_base=100000.0)
+
+
+def test_named_configs_have_llama_family_sizes():
+    # parameter counts as Hugging Face reports them for each model (SmolLM2's head is its embedding)
+    expected = {'smollm2-135m': 134_515_008, 'llama2-7b': 6_738_415_616, 'llama3-8b': 8_030_261_248}
+    for name, count in expected.items():
+        with torch.device('meta'):
+            assert GPT(GPTConfig.named(name, attention='softmax')).num_params() == count, name
+
+
+@pytest.mark.parametrize('tie', [False, True])
+def test_grouped_query_dijiang_forms_agree_and_each_query_head_keeps_its_own_state(tie):
+    """With 6 query heads over 2 key/value heads the three forms are one function (logits and every
+    gradient within 1e-5 of the float64 parallel form), and each query head's output is the float64
+    formula on its group's key and value head, with its own decay."""
+    torch.manual_seed(8)
+    config = GPTConfig(**LLAMA_TINY, tie_embeddings=tie)
+    ref_model = GPT(config, form='parallel').double()
+    idx, targets = torch.randint(0, 97, (2, 37)), torch.randint(0, 97, (2, 37))
+    ref_logits, ref_loss = ref_model(idx, targets)
+    ref_loss.backward()
+    ref_grads = {name: p.grad for name, p in ref_model.named_parameters()}
+    for form in ('chunk', 'recurrent'):
+        model = GPT(GPTConfig(**LLAMA_TINY, tie_embeddings=tie, chunk_size=8), form=form)
+        model.load_state_dict(ref_model.state_dict())
+        logits, loss = model(idx, targets)
+        loss.backward()
+        assert rel_err(logits, ref_logits) < 1e-5, form
+        for name, p in model.named_parameters():
+            assert rel_err(p.grad, ref_grads[name]) < 1e-5, (form, name)
+    attn, x = ref_model.layers[0].attn, torch.randn(1, 21, 48, dtype=torch.float64)
+    cos, sin = dijiang.rotary_cos_sin(torch.arange(21), 8, 100000.0)
+    q, k, v = dijiang.split_heads(attn.qkv(x), config)
+    q, k = dijiang.apply_rotary(q, cos, sin), dijiang.apply_rotary(k, cos, sin)
+    o, _ = attn.attend(q, k, v, None)
+    for h in range(6):  # query head h reads key/value head h // 3
+        expected, _ = reference_attention(q[:, :, h:h + 1], k[:, :, h // 3:h // 3 + 1], v[:, :, h // 3:h // 3 + 1],
+                                          attn.feature_proj, attn.decay[h:h + 1])
+        assert rel_err(o[:, :, h], expected[:, :, 0]) < 1e-12, h
+
+
+def test_tied_embeddings_stay_tied_through_a_checkpoint(tmp_path):
+    model = GPT(GPTConfig(**LLAMA_TINY, tie_embeddings=True))
+    assert model.lm_head.weight is model.embed.weight
+    model.save_checkpoint(tmp_path)
+    loaded = GPT.from_checkpoint(tmp_path)
+    assert loaded.lm_head.weight is loaded.embed.weight and torch.equal(loaded.embed.weight, model.embed.weight)
+    assert loaded.num_params() == model.num_params() == GPT(GPTConfig(**LLAMA_TINY)).num_params() - 97 * 48
+
+
+def test_softmax_grouped_query_kv_cache_holds_the_shared_heads():
+    torch.manual_seed(9)
+    model = GPT(GPTConfig(**LLAMA_TINY, attention='softmax'))
+    idx = torch.randint(0, 97, (2, 30))
+    with torch.no_grad():
+        full, _ = model(idx)
+        cache = model.new_cache()
+        pieces = [model(idx[:, :20], cache=cache)[0]] + [model(idx[:, t:t + 1], cache=cache)[0] for t in range(20, 30)]
+    assert cache.layers[0][0].shape == (2, 2, 30, 8)  # (B, H_kv, T, D): the cache holds 2 heads, not 6
+    assert rel_err(torch.cat(pieces, dim=1), full) < 1e-5
+    assert model.cache_bytes(2, 30, torch.float32) == 2 * 2 * 2 * 2 * 30 * 8 * 4
+    assert GPT(GPTConfig(**LLAMA_TINY)).cache_bytes(2, 10 ** 6) == 2 * 2 * 6 * 8 * 8 * 4  # one state at any context
+
+
+def test_a_damaged_config_or_weight_is_one_value_error(tmp_path):
+    with pytest.raises(ValueError, match="rotary_pct=2.0"):
+        tiny_config(rotary_pct=2.0)
+    with pytest.raises(ValueError, match="norm_eps='1e-5': expected float"):
+        tiny_config(norm_eps='1e-5')
+    with pytest.raises(ValueError, match="n_kv_head=3"):
+        tiny_config(n_kv_head=3)
+    model = GPT(tiny_config())
+    with torch.no_grad():
+        model.layers[1].mlp.up.weight[3, 4] = float('nan')
+    model.save_checkpoint(tmp_path)
+    with pytest.raises(ValueError, match=r"weight layers\.1\.mlp\.up\.weight holds NaN"):
+        GPT.from_checkpoint(tmp_path)

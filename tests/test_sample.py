@@ -2,7 +2,6 @@
 turns bad input into one error line. Tiny random models, nothing trained."""
 
 import os
-import runpy
 import shutil
 import subprocess
 import sys
@@ -11,7 +10,7 @@ import pytest
 import torch
 
 import sample
-from conftest import PYTHIA_TOKENIZER
+from conftest import PYTHIA_TOKENIZER, assert_one_error_line, run_script
 from dijiang import GPT, GPTConfig
 from tokenizer import Tokenizer
 
@@ -27,12 +26,9 @@ def tiny_checkpoint(path, attention='dijiang', vocab_size=Tokenizer.bytes().voca
     return model
 
 
-def run_sample(monkeypatch, capsys, *args):
-    """Run sample.py in this process (no second interpreter start-up); returns (stdout, stderr)."""
-    monkeypatch.setattr(sys, 'argv', ['sample.py', '--device=cpu', *args])
-    runpy.run_path(os.path.join(REPO, 'sample.py'), run_name='__main__')
-    captured = capsys.readouterr()
-    return captured.out, captured.err
+def run_sample(capsys, *args):
+    """sample.py on the CPU in this process; returns (exit status, stdout, stderr)."""
+    return run_script(capsys, 'sample.py', '--device=cpu', *args)
 
 
 def test_greedy_subprocess_prints_what_generate_gives(tmp_path):
@@ -50,15 +46,16 @@ def test_greedy_subprocess_prints_what_generate_gives(tmp_path):
     assert 'tokens/s' in result.stderr
 
 
-def test_pythia_tokenizer_and_prompt_file(tmp_path, monkeypatch, capsys):
+def test_pythia_tokenizer_and_prompt_file(tmp_path, capsys):
     torch.manual_seed(0)
     model = GPT(GPTConfig.named('tiny', attention='softmax', block_size=64))  # vocab 50304, as Pythia's embedding
     model.save_checkpoint(tmp_path / 'model')
     shutil.copy(PYTHIA_TOKENIZER, tmp_path / 'model' / 'tokenizer.json')
     prompt = 'naïve café, 中文 😀'
     (tmp_path / 'prompt.txt').write_text(prompt, encoding='utf-8')
-    out, err = run_sample(monkeypatch, capsys, f"--out_dir={tmp_path / 'model'}", f"--start=FILE:{tmp_path / 'prompt.txt'}",
-                          '--temperature=0', '--max_new_tokens=12')
+    status, out, err = run_sample(capsys, f"--out_dir={tmp_path / 'model'}", f"--start=FILE:{tmp_path / 'prompt.txt'}",
+                                  '--temperature=0', '--max_new_tokens=12')
+    assert status == 0, err
     tokenizer = Tokenizer.from_file(PYTHIA_TOKENIZER)
     expected = model.generate(torch.tensor([tokenizer.encode(prompt)]), 12, temperature=0)[0].tolist()
     assert out == tokenizer.decode(expected) + SEPARATOR
@@ -88,33 +85,28 @@ def test_stream_keeps_invalid_bytes_as_decode_does():
     assert ''.join(pieces) == tokenizer.decode(ids) == '\ufffdA\ufffd\ufffdB中\ufffd'
 
 
-def test_softmax_prompt_past_context_is_one_error_line(tmp_path, monkeypatch, capsys):
+def test_softmax_prompt_past_context_is_one_error_line(tmp_path, capsys):
     tiny_checkpoint(tmp_path, attention='softmax', block_size=32)
-    with pytest.raises(SystemExit) as error:
-        run_sample(monkeypatch, capsys, f'--out_dir={tmp_path}', f"--start={'x' * 40}", '--max_new_tokens=5')
-    message = str(error.value)
-    assert message.startswith('error:') and '\n' not in message
-    assert '44 tokens of context' in message and 'block_size=32' in message
+    status, out, err = run_sample(capsys, f'--out_dir={tmp_path}', f"--start={'x' * 40}", '--max_new_tokens=5')
+    assert_one_error_line(status, out, err, '44 tokens of context', 'block_size=32')
     # a dijiang model has no context limit: the same request runs
     tiny_checkpoint(tmp_path / 'dijiang', block_size=32)
-    out, _ = run_sample(monkeypatch, capsys, f"--out_dir={tmp_path / 'dijiang'}", f"--start={'x' * 40}",
-                        '--max_new_tokens=5', '--temperature=0')
-    assert out.startswith('x' * 40) and out.endswith(SEPARATOR)
+    status, out, _ = run_sample(capsys, f"--out_dir={tmp_path / 'dijiang'}", f"--start={'x' * 40}",
+                                '--max_new_tokens=5', '--temperature=0')
+    assert status == 0 and out.startswith('x' * 40) and out.endswith(SEPARATOR)
 
 
-def test_bad_input_is_one_error_line(tmp_path, monkeypatch, capsys):
+def test_bad_input_is_one_error_line(tmp_path, capsys):
     cases = [([f"--out_dir={tmp_path / 'missing'}"], 'no checkpoint at'),
              ([f'--out_dir={tmp_path}', f"--start=FILE:{tmp_path / 'missing.txt'}"], 'no such file'),
+             ([f'--out_dir={tmp_path}', f"--start=FILE:{tmp_path}"], 'a folder, not a file'),
              ([f'--out_dir={tmp_path}', '--start='], 'prompt is empty'),
-             ([f'--out_dir={tmp_path}', '--top_p=0.0'], 'top_p')]
+             ([f'--out_dir={tmp_path}', '--top_p=0.0'], 'top_p'),
+             ([f'--out_dir={tmp_path}', '--temperature=1e-300'], 'temperature=1e-300')]
     tiny_checkpoint(tmp_path)
     for args, expected in cases:
-        with pytest.raises(SystemExit) as error:
-            run_sample(monkeypatch, capsys, *args)
-        assert str(error.value).startswith('error:') and expected in str(error.value), args
+        assert_one_error_line(*run_sample(capsys, *args), expected)
     # no ckpt entry for the tokenizer and no tokenizer.json: say what to copy where
     torch.manual_seed(0)
     GPT(GPTConfig.named('tiny')).save_checkpoint(tmp_path / 'bare')
-    with pytest.raises(SystemExit) as error:
-        run_sample(monkeypatch, capsys, f"--out_dir={tmp_path / 'bare'}")
-    assert 'tokenizer.json' in str(error.value)
+    assert_one_error_line(*run_sample(capsys, f"--out_dir={tmp_path / 'bare'}"), 'tokenizer.json')
