@@ -75,8 +75,10 @@ def read_recipe(path, defaults):
             continue  # its docstring
         if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and getattr(node.targets[0], 'id', None) in defaults):
             raise ValueError(f"{path}, line {node.lineno}: a recipe holds only assignments of this script's settings")
-        name = node.targets[0].id
-        values[name] = parse_literal(name, ast.get_source_segment(source, node.value), defaults[name])
+        name, text = node.targets[0].id, ast.get_source_segment(source, node.value)
+        if isinstance(defaults[name], str) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
+            text = node.value.value  # a recipe is Python: its strings are quoted, unlike on the command line
+        values[name] = parse_literal(name, text, defaults[name])
     return values
 
 
