@@ -235,7 +235,8 @@ def test_ctrl_c_in_sample_and_bench(run_dir, tmp_path, monkeypatch, capfd):
                               'error: interrupted;', 'sample.py writes no files', code=130)
     with monkeypatch.context() as patch:
         patch.setattr(torch, 'manual_seed', raise_keyboard_interrupt)  # bench's first step after its settings
-        assert_one_error_line(*run(capfd, 'bench.py', '--device=cpu', f"--out={tmp_path / 'bench.json'}", '--plot='),
+        assert_one_error_line(*run(capfd, 'bench.py', os.path.join(ROOT, 'config', 'bench_cpu.py'),
+                                   f"--out={tmp_path / 'bench.json'}", '--plot='),
                               'error: interrupted;', 'nothing was measured yet', code=130)
 
 # -----------------------------------------------------------------------------
