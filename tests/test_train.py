@@ -1,5 +1,5 @@
-"""train.py on CPU: DDP with gloo against one process, exact resume, checkpoints, any number of
-ranks. Single-process runs execute the script in this process
+"""train.py and transfer.py on CPU: DDP with gloo against one process, exact resume, checkpoints, the
+attention transfer, any number of ranks. Single-process runs execute the script in this process
 (runpy, as `python train.py` would) to skip a fresh torch import; DDP runs under torchrun."""
 import json
 import os
@@ -17,8 +17,9 @@ import torch
 
 import ranks
 import train as train_module
+import transfer
 from conftest import PYTHIA_TOKENIZER, REPO, assert_one_error_line, run_script
-from dijiang import GPT, GPTConfig, projection_matrix
+from dijiang import GPT, GPTConfig, projection_matrix, rotary_cos_sin
 from shards import write_shard
 from tokenizer import Tokenizer
 
@@ -55,13 +56,13 @@ def data_dir(tmp_path_factory):
     return write_data(tmp_path_factory.mktemp('data') / 'bytes', stdlib_docs())
 
 
-def train(*args):
-    """Run train.py with these settings in this process, on one thread (these models
+def train(*args, script='train.py'):
+    """Run train.py (or transfer.py) with these settings in this process, on one thread (these models
     are so small that a second one only adds synchronization); a run that fails fails the test."""
     argv, threads = sys.argv, torch.get_num_threads()
-    sys.argv = ['train.py', '--cpu_threads=1', *args]
+    sys.argv = [script, '--cpu_threads=1', *args]
     try:
-        runpy.run_path(os.path.join(REPO, 'train.py'), run_name='__main__')
+        runpy.run_path(os.path.join(REPO, script), run_name='__main__')
     finally:
         sys.argv = argv
         torch.set_num_threads(threads)
@@ -381,3 +382,87 @@ def test_the_demo_builds_its_data_on_first_use(tmp_path, monkeypatch, capsys):
         f"sample it with: python sample.py --out_dir={tmp_path / 'out'}")
     train('--max_iters=2', '--eval_iters=1', f'--out_dir={tmp_path / "again"}')
     assert len(built) == 1  # built once
+
+# -----------------------------------------------------------------------------
+# The attention transfer (transfer.py), then the fine-tune of its model
+
+
+@pytest.fixture(scope='module')
+def softmax_teacher(data_dir, tmp_path_factory):
+    """A tiny softmax model trained 6 steps: attention with some structure for the transfer to copy."""
+    out_dir = str(tmp_path_factory.mktemp('runs') / 'softmax_teacher')
+    train(f'--data_dir={data_dir}', f'--out_dir={out_dir}', '--attention=softmax', '--max_iters=6', '--eval_interval=6',
+          '--micro_batch_size=8', *SMALL)
+    return out_dir
+
+
+def transfer_args(teacher, data_dir, out_dir, *more):
+    return [f'--init_from={teacher}', f'--data_dir={data_dir}', f'--out_dir={out_dir}', '--batch_size=256',
+            '--lr=1e-2', '--seed=3', *more]
+
+
+def test_attention_transfer_trains_the_attention_alone(data_dir, softmax_teacher, tmp_path, capsys):
+    out_dir = tmp_path / 'transfer'
+    train(*transfer_args(softmax_teacher, data_dir, out_dir, '--transfer_tokens=2048'), script='transfer.py')
+    # block_size is the teacher's context: 32; 8 steps of 256 tokens; the mean per-layer MSE to the
+    # teacher's attention output goes down
+    rows = read_log(out_dir)
+    assert [row['step'] for row in rows] == list(range(1, 9))
+    assert rows[-1]['transfer_mse'] < 0.5 * rows[0]['transfer_mse']
+    assert rows[0]['lr'] == 1e-2 and rows[-1]['lr'] < 1e-3  # one warmup step (a tenth of 8, at least 1), then cosine
+    assert capsys.readouterr().out.strip().endswith(
+        f"fine-tune it with: python train.py config/train_finetune.py --init_from={out_dir} --data_dir={data_dir} --out_dir=...")
+
+    # only the trained attention parameters moved from the model train.py makes when it linearizes
+    torch.manual_seed(3)
+    before = GPT.from_checkpoint(softmax_teacher, attention='dijiang').state_dict()
+    after = weights(out_dir)
+    trained = {name for name in after if re.fullmatch(r'layers\.\d\.attn\.(qkv|gate|group_norm)\.(weight|bias)', name)}
+    assert len(trained) == 2 * 5 and after.keys() == before.keys()
+    for name in after:
+        assert torch.equal(after[name], before[name]) == (name not in trained), name
+    assert torch.load(out_dir / 'ckpt.pt', weights_only=True)['tokenizer'] == 'bytes'
+
+    # train.py fine-tunes exactly that model: lr=0 leaves every weight as the transfer left it
+    train(f'--init_from={out_dir}', f'--data_dir={data_dir}', f'--out_dir={tmp_path / "finetune"}', '--block_size=32',
+          '--batch_size=256', '--max_iters=1', '--eval_iters=1', '--lr=0')
+    fine_tuned = weights(tmp_path / 'finetune')
+    assert all(torch.equal(fine_tuned[name], tensor) for name, tensor in after.items())
+
+    # the helper's inputs and outputs are each attention's own in the teacher's forward
+    teacher = GPT.from_checkpoint(softmax_teacher)
+    idx = torch.randint(0, 257, (2, 32))
+    with torch.no_grad():
+        pairs, cos, sin = transfer.teacher_attention_io(teacher, idx)
+        # the residual stream written out by hand: block i's attention reads ln_attn(x_i)
+        cfg = teacher.config
+        ref_cos, ref_sin = rotary_cos_sin(torch.arange(32), int(cfg.head_size * cfg.rotary_pct), cfg.rotary_base)
+        x = teacher.embed(idx)
+        assert len(pairs) == cfg.n_layer == 2 and torch.equal(cos, ref_cos) and torch.equal(sin, ref_sin)
+        for block, (h, a) in zip(teacher.layers, pairs):
+            assert torch.equal(h, block.ln_attn(x)) and torch.equal(a, block.attn(h, cos, sin)[0])
+            x = x + a + block.mlp(block.ln_mlp(x))  # GPT-NeoX's parallel residual
+
+
+def test_attention_transfer_under_ddp_matches_one_process(data_dir, softmax_teacher, tmp_path):
+    ddp_dir, single_dir = tmp_path / 'ddp', tmp_path / 'single'
+    output = torchrun(tmp_path, 'transfer.py', *transfer_args(softmax_teacher, data_dir, ddp_dir, '--transfer_tokens=1024',
+                                                              '--micro_batch_size=4'))
+    assert '4 steps of attention transfer' in output and '= 2 ranks * 1 micro-steps * 4 * 32' in output
+    train(*transfer_args(softmax_teacher, data_dir, single_dir, '--transfer_tokens=1024'), script='transfer.py')
+    rows = [read_log(out) for out in (ddp_dir, single_dir)]
+    assert len(rows[0]) == len(rows[1]) == 4
+    for ddp_row, single_row in zip(*rows):
+        assert ddp_row['transfer_mse'] == pytest.approx(single_row['transfer_mse'], rel=1e-4)
+    assert max_difference(weights(ddp_dir), weights(single_dir)) < 1e-4
+
+
+def test_attention_transfer_needs_a_softmax_teacher(data_dir, softmax_teacher, halfway, tmp_path, capsys):
+    out = tmp_path / 'x'
+    for args, expected in ((transfer_args(halfway, data_dir, out, '--transfer_tokens=1024'),
+                            f'init_from={halfway!r}: the transfer needs a softmax model'),
+                           (transfer_args(softmax_teacher, data_dir, out, '--transfer_tokens=1024', '--block_size=64'),
+                            "block_size=64: the softmax teacher's context is 32"),
+                           (transfer_args(softmax_teacher, data_dir, out), 'transfer_tokens=0: give the number')):
+        assert_one_error_line(*run_script(capsys, 'transfer.py', *args), expected)
+    assert not out.exists()
