@@ -3,24 +3,33 @@ status (130 for Ctrl-C) and one line on stderr, 'error: ...', that names the fil
 what to do, with no traceback; what earlier runs wrote (checkpoints, logs, shards, conversions) is
 byte for byte as it was. Most cases run the script in this process (runpy, as `python script.py`
 would, in a fraction of a second); a few run it as a real process, to see its whole stderr."""
+import builtins
+import errno
+import io
 import json
 import math
 import os
 import runpy
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import time
 
+import numpy as np
 import pytest
 import torch
 
 import convert
 import dijiang
+import rundir
 import shards
 from atomic import atomic_write_text
+from conftest import assert_one_error_line, run_script
 from data.prepare import prepare
 from dijiang import GPT, GPTConfig
+from test_train import write_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}  # tiny models: threads only add overhead
@@ -52,17 +61,6 @@ def run_process(*args):
     return result.returncode, result.stdout, result.stderr
 
 
-def assert_one_error_line(status, out, err, *names, code=None):
-    """A failing status, stderr one line 'error: ...' naming each of names, and no traceback anywhere."""
-    assert status != 0 if code is None else status == code, (status, err)
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith('error: '), err
-    for name in names:
-        assert name in lines[0], (name, lines[0])
-    assert 'Traceback' not in out + err
-    return lines[0]
-
-
 def snapshot(*folders):
     """Every file under the folders, path -> bytes: also catches a file added or left behind."""
     files = {}
@@ -84,11 +82,18 @@ def data_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope='module')
-def trained(data_dir, tmp_path_factory):
+def train_data(tmp_path_factory):
+    """Byte-level shards for train.py, written as data/prepare.py writes them."""
+    docs = [f"Document {i}: the quick brown fox jumps over the lazy dog. " * 30 for i in range(40)]
+    return write_data(tmp_path_factory.mktemp('data') / 'train', docs)
+
+
+@pytest.fixture(scope='module')
+def trained(train_data, tmp_path_factory):
     """A run of 2 steps with its checkpoint at step 2 and its log; tests work on copies."""
     out_dir = str(tmp_path_factory.mktemp('runs') / 'run')
     argv, threads = sys.argv, torch.get_num_threads()
-    sys.argv = ['train.py', f'--data_dir={data_dir}', f'--out_dir={out_dir}', '--max_iters=2', '--eval_interval=2', *TRAIN]
+    sys.argv = ['train.py', f'--data_dir={train_data}', f'--out_dir={out_dir}', '--max_iters=2', '--eval_interval=2', *TRAIN]
     try:
         runpy.run_path(os.path.join(ROOT, 'train.py'), run_name='__main__')
     finally:
@@ -105,21 +110,62 @@ def run_dir(trained, tmp_path):
 # Work is never lost
 
 
-def test_a_new_run_does_not_replace_an_earlier_one(data_dir, run_dir, capfd):
+def test_a_new_run_does_not_replace_an_earlier_one(train_data, run_dir, capfd):
     before = snapshot(run_dir)
     # a real process: its whole stderr is the one line
-    line = assert_one_error_line(*run_process('train.py', f'--data_dir={data_dir}', f'--out_dir={run_dir}', *TRAIN),
+    line = assert_one_error_line(*run_process('train.py', f'--data_dir={train_data}', f'--out_dir={run_dir}', *TRAIN),
                                  f'{run_dir}/ckpt.pt', '--init_from=resume', '--overwrite=True')
     assert 'holds an earlier run' in line and snapshot(run_dir) == before
     # eval_only writes nothing, so it may look at a run in place; its log stays whole
-    status, out, err = run(capfd, 'train.py', f'--init_from={run_dir}', f'--out_dir={run_dir}', f'--data_dir={data_dir}',
-                           '--eval_only=True', *TRAIN)
+    status, out, err = run_script(capfd, 'train.py', f'--init_from={run_dir}', f'--out_dir={run_dir}',
+                                  f'--data_dir={train_data}', '--eval_only=True', *TRAIN[1:])
     assert status == 0 and 'val loss' in out and snapshot(run_dir) == before
-    # --overwrite=True: the new run replaces it
-    status, out, err = run(capfd, 'train.py', f'--data_dir={data_dir}', f'--out_dir={run_dir}', '--overwrite=True',
-                           '--max_iters=1', *TRAIN)
-    assert status == 0 and 'Traceback' not in err
+    # --overwrite=True: the new run replaces it, once its first checkpoint is written
+    status, out, err = run_script(capfd, 'train.py', f'--data_dir={train_data}', f'--out_dir={run_dir}', '--overwrite=True',
+                                  '--max_iters=1', *TRAIN)
+    assert status == 0 and 'Traceback' not in err and sorted(os.listdir(run_dir)) == ['ckpt.pt', 'config.json', 'log.jsonl']
     assert torch.load(run_dir / 'ckpt.pt', weights_only=True)['step'] == 1
+    assert [json.loads(line)['step'] for line in open(run_dir / 'log.jsonl')] == [0, 1]
+
+
+def test_an_overwrite_that_stops_early_puts_the_old_run_back(train_data, run_dir, capfd):
+    (run_dir / 'NOTES.md').write_text('my notes on this run')  # not the run's: never touched
+    before = snapshot(run_dir)
+    # lr=1e30: the loss of step 2 is not finite, before the new run's first checkpoint (at step 10)
+    line = assert_one_error_line(*run_script(capfd, 'train.py', f'--data_dir={train_data}', f'--out_dir={run_dir}',
+                                             '--overwrite=True', *TRAIN, '--lr=1e30', '--max_iters=10'),
+                                 'non-finite loss (nan) at step 2', f'no checkpoint of this run was written; {run_dir} holds '
+                                 'the earlier run again')
+    assert '--init_from=resume' not in line and snapshot(run_dir) == before  # moved aside, and back, byte for byte
+    # an overwriting run killed outright (kill -9) before its first checkpoint leaves the old run aside, and
+    # its own log: the next run in out_dir puts the old run back first (here a resume with nothing left to train)
+    os.makedirs(run_dir / 'replaced-run')
+    for name in ('ckpt.pt', 'config.json', 'log.jsonl'):
+        os.replace(run_dir / name, run_dir / 'replaced-run' / name)
+    (run_dir / 'log.jsonl').write_text('{"step": 0, "val_loss": 5.0}\n')
+    status, out, err = run_script(capfd, 'train.py', '--init_from=resume', f'--out_dir={run_dir}')
+    assert status == 0 and 'put back into' in out and snapshot(run_dir) == before
+
+
+def test_a_live_run_keeps_its_folder(train_data, run_dir):
+    first = subprocess.Popen([sys.executable, 'train.py', '--init_from=resume', f'--out_dir={run_dir}', '--max_iters=100000',
+                              '--eval_interval=100000', '--log_interval=100000'],
+                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    for line in first.stdout:  # the header comes once the first run holds out_dir and has kept its log
+        if line.startswith('100000 steps'):
+            break
+    before = snapshot(run_dir)
+    # a second run there, resumed or new, is refused with one line naming the first
+    for args in (['--init_from=resume'], [f'--data_dir={train_data}', '--overwrite=True', *TRAIN]):
+        assert_one_error_line(*run_process('train.py', f'--out_dir={run_dir}', *args),
+                              f'{run_dir} is in use by process {first.pid} (python train.py --init_from=resume')
+    assert snapshot(run_dir) == before
+    # SIGTERM (what torchrun, Slurm and docker stop send) stops it as Ctrl-C does: one line, the checkpoint kept
+    first.send_signal(signal.SIGTERM)
+    out, err = first.communicate(timeout=60)
+    assert_one_error_line(first.returncode, out, err, 'error: terminated;', f'{run_dir}/ckpt.pt (step 2) is the last',
+                          code=143)
+    assert snapshot(run_dir) == {path: data for path, data in before.items() if not path.endswith('.lock')}
 
 
 def test_prepare_with_bad_input_keeps_the_shards_there(data_dir, tmp_path):
@@ -144,14 +190,14 @@ def test_an_empty_input_is_an_error(tmp_path, capfd):
     assert sorted(os.listdir(tmp_path)) == ['empty.jsonl']  # no dataset, and nothing half-made
 
 
-def test_stale_temporary_files_are_replaced(data_dir, run_dir, tmp_path, capfd):
+def test_stale_temporary_files_are_replaced(run_dir, tmp_path, capfd):
     # atomic writes: one fixed temporary name, path + '.tmp', that the next write replaces
     (tmp_path / 'notes.txt.tmp').write_text('half of an old write')
     atomic_write_text(str(tmp_path / 'notes.txt'), 'whole')
     assert (tmp_path / 'notes.txt').read_text() == 'whole' and not (tmp_path / 'notes.txt.tmp').exists()
     # a checkpoint write killed half-way leaves ckpt.pt.tmp: the run resumes, and its next checkpoint replaces it
     (run_dir / 'ckpt.pt.tmp').write_bytes(b'half a checkpoint')
-    status, _, err = run(capfd, 'train.py', '--init_from=resume', f'--out_dir={run_dir}', '--max_iters=3')
+    status, _, err = run_script(capfd, 'train.py', '--init_from=resume', f'--out_dir={run_dir}', '--max_iters=3')
     assert status == 0 and 'Traceback' not in err and not (run_dir / 'ckpt.pt.tmp').exists()
     # convert.py's output goes through out_dir + '.tmp' and '.old', fixed names a killed run may leave
     hf = hf_folder(tmp_path / 'hf')
@@ -171,7 +217,7 @@ def test_stale_temporary_files_are_replaced(data_dir, run_dir, tmp_path, capfd):
 def test_a_torn_last_log_line_does_not_stop_resume(run_dir, capfd):
     with open(run_dir / 'log.jsonl', 'a') as f:
         f.write('{"step": 3, "loss": 4.1')  # a crash in the middle of writing a row
-    status, out, err = run(capfd, 'train.py', '--init_from=resume', f'--out_dir={run_dir}', '--max_iters=3')
+    status, out, err = run_script(capfd, 'train.py', '--init_from=resume', f'--out_dir={run_dir}', '--max_iters=3')
     assert status == 0 and 'cut short' in out and 'Traceback' not in err
     rows = [json.loads(line) for line in open(run_dir / 'log.jsonl')]
     assert [row['step'] for row in rows] == [0, 1, 2, 3] and rows[-1]['loss'] != 4.1
@@ -179,7 +225,7 @@ def test_a_torn_last_log_line_does_not_stop_resume(run_dir, capfd):
     lines = open(run_dir / 'log.jsonl').readlines()
     (run_dir / 'log.jsonl').write_text(lines[0] + 'garbage\n' + ''.join(lines[1:]))
     before = snapshot(run_dir)
-    assert_one_error_line(*run(capfd, 'train.py', '--init_from=resume', f'--out_dir={run_dir}', '--max_iters=4'),
+    assert_one_error_line(*run_script(capfd, 'train.py', '--init_from=resume', f'--out_dir={run_dir}', '--max_iters=4'),
                           f'{run_dir}/log.jsonl, line 2', 'delete that line')
     assert snapshot(run_dir) == before
 
@@ -199,6 +245,7 @@ def test_ctrl_c_in_train_keeps_the_checkpoint(run_dir):
                           '--init_from=resume', code=130)
     assert (run_dir / 'ckpt.pt').read_bytes() == ckpt and not (run_dir / 'ckpt.pt.tmp').exists()
     assert (run_dir / 'log.jsonl').read_text().startswith(log)  # the steps done since are logged after it
+    assert not (run_dir / '.lock').exists()
 
 
 def raise_keyboard_interrupt(*args, **kwargs):
@@ -244,14 +291,14 @@ def test_ctrl_c_in_sample_and_bench(run_dir, tmp_path, monkeypatch, capfd):
 
 
 @pytest.mark.parametrize('damage', ['random', 'truncated'])
-def test_a_damaged_checkpoint_is_one_line(data_dir, run_dir, tmp_path, capfd, damage):
+def test_a_damaged_checkpoint_is_one_line(train_data, run_dir, tmp_path, capfd, damage):
     raw = (run_dir / 'ckpt.pt').read_bytes()
     (run_dir / 'ckpt.pt').write_bytes(os.urandom(4096) if damage == 'random' else raw[:len(raw) // 2])
     before = snapshot(run_dir)
     message = f'{run_dir}/ckpt.pt is not a readable checkpoint'
-    assert_one_error_line(*run(capfd, 'train.py', '--init_from=resume', f'--out_dir={run_dir}'), message)
-    assert_one_error_line(*run(capfd, 'train.py', f'--init_from={run_dir}', f"--out_dir={tmp_path / 'new'}",
-                               f'--data_dir={data_dir}', *TRAIN), message)
+    assert_one_error_line(*run_script(capfd, 'train.py', '--init_from=resume', f'--out_dir={run_dir}'), message)
+    assert_one_error_line(*run_script(capfd, 'train.py', f'--init_from={run_dir}', f"--out_dir={tmp_path / 'new'}",
+                                      f'--data_dir={train_data}', *TRAIN[1:]), message)
     assert_one_error_line(*run(capfd, 'sample.py', f'--out_dir={run_dir}', '--device=cpu'), message)
     with pytest.raises(ValueError, match=message):
         GPT.from_checkpoint(str(run_dir))
@@ -262,8 +309,8 @@ def test_resuming_a_converted_model_says_fine_tune_it(tmp_path, capfd):
     converted = str(tmp_path / 'out-pythia')
     GPT(GPTConfig.named('tiny', attention='softmax', vocab_size=384)).save_checkpoint(converted, source='EleutherAI/x')
     before = snapshot(converted)
-    line = assert_one_error_line(*run(capfd, 'train.py', '--init_from=resume', f'--out_dir={converted}'),
-                                 f'{converted}/ckpt.pt', 'converted model', f'--init_from={converted}')
+    line = assert_one_error_line(*run_script(capfd, 'train.py', '--init_from=resume', f'--out_dir={converted}'),
+                                 f'{converted}/ckpt.pt holds a model, not a train.py run', f'--init_from={converted}')
     assert 'new --out_dir' in line and snapshot(converted) == before
 
 
@@ -320,20 +367,20 @@ def test_a_prompt_file_that_is_not_utf8(run_dir, tmp_path, capfd):
 
 
 TRAIN_SETTINGS = [('model', 'huge'), ('attention', 'linear'), ('form', 'loop'), ('feature_map', 'rff'),
-                  ('eval_interval', '0'), ('log_interval', '0'), ('micro_batch_size', '0'), ('block_size', '0'),
+                  ('eval_interval', '0'), ('log_interval', '0'), ('micro_batch_size', '-1'), ('block_size', '0'),
                   ('batch_size', '0'), ('eval_iters', '0'), ('max_iters', '-5'), ('lr', '-1'), ('lr', 'nan'),
                   ('min_lr', '-1e-4'), ('weight_decay', 'inf'), ('grad_clip', '-1'), ('warmup', '-1'),
                   ('betas', '(0.9, 1.0)'), ('betas', '(-0.1, 0.9)'), ('betas', '(0.9,)'), ('dtype', 'float16'),
-                  ('device', 'cuda'), ('device', 'tpu'), ('seed', '-1')]
+                  ('device', 'cuda'), ('device', 'tpu'), ('seed', '-1'), ('join_timeout', '0'), ('peak_flops', '-1')]
 
 
 @pytest.mark.parametrize('name,value', TRAIN_SETTINGS, ids=[f'{n}={v}' for n, v in TRAIN_SETTINGS])
-def test_train_settings(data_dir, tmp_path, capfd, name, value):
+def test_train_settings(train_data, tmp_path, capfd, name, value):
     if (name, value) == ('device', 'cuda') and torch.cuda.is_available():
         pytest.skip('CUDA is here')
     out_dir = tmp_path / 'out'
-    assert_one_error_line(*run(capfd, 'train.py', f'--data_dir={data_dir}', f'--out_dir={out_dir}', *TRAIN,
-                               f'--{name}={value}'), f'error: {name}=')
+    assert_one_error_line(*run_script(capfd, 'train.py', f'--data_dir={train_data}', f'--out_dir={out_dir}', *TRAIN,
+                                      f'--{name}={value}'), f'error: {name}=')
     assert not out_dir.exists()
 
 
@@ -366,30 +413,141 @@ def test_out_of_memory_is_one_line(run_dir, monkeypatch, capfd, error):
     def forward(*args, **kwargs):
         raise error
     monkeypatch.setattr(dijiang.GPT, 'forward', forward)
-    line = assert_one_error_line(*run(capfd, 'train.py', '--init_from=resume', f'--out_dir={run_dir}', '--max_iters=4'),
-                                 'out of memory', 'micro_batch_size=8', 'block_size=32', '--micro_batch_size',
-                                 '--block_size', 'more ranks', 'model=tiny', f'{run_dir}/ckpt.pt (step 2)')
-    assert 'in a training step' in line and snapshot(run_dir) == before
+    assert_one_error_line(*run_script(capfd, 'train.py', '--init_from=resume', f'--out_dir={run_dir}', '--max_iters=4'),
+                          'out of memory', 'model=tiny, micro_batch_size=8, block_size=32: lower --micro_batch_size',
+                          '--block_size', 'more ranks', f'{run_dir}/ckpt.pt (step 2)')
+    assert snapshot(run_dir) == before
 
 
-def test_the_log_is_strict_json(data_dir, tmp_path, capfd):
-    out_dir = tmp_path / 'run'
-    status, _, _ = run(capfd, 'train.py', f'--data_dir={data_dir}', f'--out_dir={out_dir}', '--max_iters=1', *TRAIN)
-    assert status == 0
-    argv, threads = sys.argv, torch.get_num_threads()
-    sys.argv = ['train.py', '--init_from=resume', f'--out_dir={out_dir}', '--max_iters=1']  # nothing to train: the globals
-    try:
-        run_globals = runpy.run_path(os.path.join(ROOT, 'train.py'), run_name='__main__')
-    finally:
-        sys.argv = argv
-        torch.set_num_threads(threads)
-    capfd.readouterr()
-    run_globals['log'](dict(step=2, loss=math.nan, val_loss=math.inf, lr=1e-3, grad_norm=-math.inf, tokens_per_s=1.0,
-                            mfu=0.0, peak_mem_mib=1.0))
-    assert 'loss nan | val inf' in capfd.readouterr().out  # the line on stdout stays readable
+class FullDisk(io.StringIO):
+    def write(self, text):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_full_disk_is_one_line_naming_the_file(run_dir, monkeypatch, capfd):
+    before = snapshot(run_dir)
+
+    def save(obj, path, *args, **kwargs):  # what torch.save does when the disk fills up mid-file
+        with open(path, 'wb') as f:
+            f.write(b'the start of a checkpoint')
+        raise RuntimeError('[enforce fail at inline_container.cc:783] . PytorchStreamWriter failed writing file data/3: '
+                           'file write failed')
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, 'save', save)
+        assert_one_error_line(*run_script(capfd, 'train.py', '--init_from=resume', f'--out_dir={run_dir}', '--max_iters=3'),
+                              f'error: {run_dir}/ckpt.pt: cannot write it (', 'make room',
+                              f'{run_dir}/ckpt.pt (step 2) is the last checkpoint')
+    assert snapshot(run_dir) == before  # the step-2 checkpoint whole, no ckpt.pt.tmp, and the log of steps 0-2
+
+    real_open = open
+
+    def full_open(path, mode='r', *args, **kwargs):  # the log's append finds the disk full
+        return FullDisk() if str(path).endswith('log.jsonl') and 'a' in mode else real_open(path, mode, *args, **kwargs)
+    with monkeypatch.context() as patch:
+        patch.setattr(builtins, 'open', full_open)
+        assert_one_error_line(*run_script(capfd, 'train.py', '--init_from=resume', f'--out_dir={run_dir}', '--max_iters=9'),
+                              f'error: {run_dir}/log.jsonl: cannot append to it (No space left on device)',
+                              f'{run_dir}/ckpt.pt (step 2) is the last checkpoint')
+    assert snapshot(run_dir) == before
+
+
+def test_the_log_is_strict_json(tmp_path, capsys):
+    import train
+    log = str(tmp_path / 'log.jsonl')
+    row = dict(step=2, loss=math.nan, val_loss=math.inf, lr=1e-3, grad_norm=-math.inf, tokens_per_s=1.0, peak_mem_mib=1.0)
+    rundir.append_log(log, row)
+    train.print_row(row)
+    assert 'loss nan | val inf' in capsys.readouterr().out  # the line on stdout stays readable
 
     def no_constants(name):
         raise ValueError(f'{name} is not JSON')
-    rows = [json.loads(line, parse_constant=no_constants) for line in open(out_dir / 'log.jsonl')]
-    assert rows[-1] == dict(step=2, loss=None, val_loss=None, lr=1e-3, grad_norm=None, tokens_per_s=1.0, mfu=0.0,
-                            peak_mem_mib=1.0)
+    rows = [json.loads(line, parse_constant=no_constants) for line in open(log)]
+    assert rows == [dict(step=2, loss=None, val_loss=None, lr=1e-3, grad_norm=None, tokens_per_s=1.0, peak_mem_mib=1.0)]
+
+# -----------------------------------------------------------------------------
+# What a resumed run continues
+
+
+@pytest.mark.parametrize('name,value', [('model', 'small'), ('attention', 'softmax'), ('block_size', '16'),
+                                        ('feature_map', 'mc'), ('batch_size', '512'), ('seed', '7'), ('data_dir', 'other')])
+def test_resume_refuses_a_change_of_what_it_continues(run_dir, tmp_path, capfd, name, value):
+    before = snapshot(run_dir)
+    value = str(tmp_path / value) if name == 'data_dir' else value
+    line = assert_one_error_line(*run_script(capfd, 'train.py', '--init_from=resume', f'--out_dir={run_dir}',
+                                             f'--{name}={value}'), f'error: {name}=', f'but the run in {run_dir} has {name}=')
+    assert 'marks (r)' in line and snapshot(run_dir) == before
+
+
+def test_resume_refuses_data_that_was_rebuilt(train_data, tmp_path, capfd):
+    data = shutil.copytree(train_data, tmp_path / 'data')
+    out_dir = tmp_path / 'run'
+    assert run_script(capfd, 'train.py', f'--data_dir={data}', f'--out_dir={out_dir}', '--max_iters=1', *TRAIN)[0] == 0
+    train = shards.Shards(str(data), 'train', 32)
+    shards.write_shard(str(data / 'train_000000.bin'), np.asarray(train.tokens[0][:-1000]), 257, 'bytes')
+    before = snapshot(out_dir)
+    assert_one_error_line(*run_script(capfd, 'train.py', '--init_from=resume', f'--out_dir={out_dir}', '--max_iters=2'),
+                          f'{data} holds {train.num_tokens - 1000:,} train tokens, the run read {train.num_tokens:,}',
+                          'rebuilt')
+    assert snapshot(out_dir) == before
+
+# -----------------------------------------------------------------------------
+# Several processes: rank 0 alone speaks
+
+
+# `python train.py ...` as one rank, whose forward runs out of memory from its 5th call when RANK is FAIL_RANK
+FAILING_RANK = '''
+import os, runpy, sys
+import torch
+import dijiang
+if os.environ['RANK'] == os.environ['FAIL_RANK']:
+    forward, calls = dijiang.GPT.forward, []
+    def failing(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) > 4:
+            raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 20.00 GiB')
+        return forward(self, *args, **kwargs)
+    dijiang.GPT.forward = failing
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name='__main__')
+'''
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def test_a_rank_that_fails_is_named_by_rank_0(run_dir, tmp_path):
+    (tmp_path / 'failing_rank.py').write_text(FAILING_RANK)
+    before = snapshot(run_dir)
+    env = {**ENV, 'PYTHONPATH': ROOT, 'MASTER_ADDR': '127.0.0.1', 'MASTER_PORT': str(free_port()), 'WORLD_SIZE': '2',
+           'FAIL_RANK': '1'}
+    # two ranks started by hand (as torchrun would, without its report): each process's stderr is its own
+    processes = [subprocess.Popen([sys.executable, str(tmp_path / 'failing_rank.py'), 'train.py', '--init_from=resume',
+                                   f'--out_dir={run_dir}', '--max_iters=6', '--micro_batch_size=4', '--eval_interval=100'], cwd=ROOT, env={**env, 'RANK': str(rank)},
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    (out0, err0), (out1, err1) = (process.communicate(timeout=120) for process in processes)
+    assert_one_error_line(processes[0].returncode, out0, err0,
+                          'error: rank 1 of 2: out of memory (CUDA out of memory. Tried to allocate 20.00 GiB)',
+                          'on each of 2 ranks', f'{run_dir}/ckpt.pt (step 2) is the last checkpoint', code=1)
+    assert processes[1].returncode == 1 and err1 == '' and out1 == ''
+    assert {path: data for path, data in snapshot(run_dir).items() if not path.endswith('log.jsonl')} == \
+        {path: data for path, data in before.items() if not path.endswith('log.jsonl')}
+
+
+def test_a_missing_rank_and_a_missing_master_are_one_line(train_data, tmp_path, monkeypatch, capfd):
+    out_dir = tmp_path / 'out'
+    monkeypatch.setenv('RANK', '0')
+    monkeypatch.setenv('WORLD_SIZE', '2')
+    assert_one_error_line(*run_script(capfd, 'train.py', f'--data_dir={train_data}', f'--out_dir={out_dir}', *TRAIN),
+                          'RANK or WORLD_SIZE is set but MASTER_ADDR is not', 'torchrun', 'unset RANK and WORLD_SIZE')
+    port = free_port()
+    monkeypatch.setenv('MASTER_ADDR', '127.0.0.1')
+    monkeypatch.setenv('MASTER_PORT', str(port))
+    start = time.time()
+    assert_one_error_line(*run_script(capfd, 'train.py', f'--data_dir={train_data}', f'--out_dir={out_dir}', *TRAIN,
+                                      '--join_timeout=2'),
+                          f'rank 0 of 2: the ranks did not all join at 127.0.0.1:{port} within join_timeout=2 s',
+                          '1/2 clients joined', 'raise --join_timeout')
+    assert time.time() - start < 10 and not out_dir.exists()
