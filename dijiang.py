@@ -6,19 +6,16 @@ Kernelization" (Chen et al., ICML 2024, arXiv 2403.19928).
 Read top to bottom:
   1. GPTConfig and the named configs: the Pythia suite, SmolLM2-135M, LLaMA-2-7B and LLaMA-3-8B
   2. rotary position embeddings (on the first rotary_pct of each head)
-  3. the DiJiang math: the projection P, the feature map phi, the per-head decay, and the
-     attention in three forms that compute the same function:
-        parallel  - the materialized T x T matrix, the readable reference
-        chunk     - a loop over chunks with O(T) memory, for training and prefill
-        recurrent - a (D, D) state per head and O(1) work per token, for decoding
+  3. the DiJiang math: the projection P, the feature map phi, the per-head decay, and the attention
+     in three forms that compute the same function: parallel (the T x T matrix, the reference),
+     chunk (O(T) memory, for training and prefill) and recurrent (a (D, D) state per head, O(1) per
+     token, for decoding)
   4. the modules: SoftmaxAttention (the pretrained model's), DiJiangAttention, MLP, Block
   5. GPT: forward, generate, checkpoints, and linearizing a softmax checkpoint
   6. loading a model directory: the model and its tokenizer, on a device
 
-The two families differ only in config fields: LayerNorm or RMSNorm, a GELU or a SwiGLU MLP, biases
-or none, a parallel or a sequential residual, tied or untied embeddings, the rotary fraction and
-base, and n_kv_head < n_head for grouped-query attention. Decays are always relative (gamma^(n-m)
-with n >= m), never gamma^(-n): the released code's D2 = gamma^(-n) overflows fp32 past ~2.8K tokens.
+The two families differ only in config fields. Decays are always relative (gamma^(n-m), n >= m),
+never gamma^(-n): the released code's D2 = gamma^(-n) overflows fp32 past about 2.8K tokens.
 """
 
 import json
@@ -78,18 +75,15 @@ class GPTConfig:
         """Each field of its type and in its range, so that a damaged config.json is one ValueError."""
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.type is float and type(value) is int:
-                setattr(self, f.name, float(value))
-            elif type(value) is not f.type:
+            if type(value) is not f.type and not (f.type is float and type(value) is int):
                 raise ValueError(f"{f.name}={value!r}: expected {f.type.__name__}")
-        self.n_kv_head = self.n_kv_head or self.n_head
-        self.intermediate_size = self.intermediate_size or 4 * self.n_embd
+            setattr(self, f.name, f.type(value))
+        self.n_kv_head, self.intermediate_size = self.n_kv_head or self.n_head, self.intermediate_size or 4 * self.n_embd
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}: use one of {', '.join(allowed)}")
-        for name in ('vocab_size', 'n_layer', 'n_head', 'n_kv_head', 'n_embd', 'block_size', 'chunk_size'):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)}: must be positive")
+        if min(self.vocab_size, self.n_layer, self.n_head, self.n_kv_head, self.n_embd, self.block_size, self.chunk_size) < 1:
+            raise ValueError("vocab_size, n_layer, n_head, n_kv_head, n_embd, block_size and chunk_size must be positive")
         if self.n_embd % self.n_head or self.n_head % self.n_kv_head:
             raise ValueError(f"n_embd={self.n_embd}, n_head={self.n_head}, n_kv_head={self.n_kv_head}: n_embd must "
                              "divide into n_head heads, and n_head into n_kv_head groups")
@@ -647,14 +641,12 @@ def load_checkpoint(path):
 def pick_device(device='auto', dtype='auto'):
     """device ('auto': CUDA when torch sees a GPU, else the CPU) and dtype ('auto': bfloat16 on a GPU
     that has it, else float32) resolved, as (device string, torch dtype); ValueError for a GPU torch lacks."""
-    if device == 'auto':
-        device = 'cuda' if torch.cuda.is_available() else 'cpu'
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    index = device.partition(':')[2]
-    if device != 'cpu' and not (device in ('cuda', 'cuda:') or (device.startswith('cuda:') and index.isdigit())):
-        raise ValueError(f"device={device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
-    if device != 'cpu' and (gpus == 0 or int(index or 0) >= gpus):
-        raise ValueError(f"device={device!r}, but torch sees {gpus} CUDA GPU(s): use --device=cpu, or a GPU it sees")
+    device = ('cuda' if gpus else 'cpu') if device == 'auto' else device
+    index = device.removeprefix('cuda').removeprefix(':')
+    if device != 'cpu' and not (device.startswith('cuda') and (index.isdigit() or device == 'cuda') and int(index or 0) < gpus):
+        raise ValueError(f"device={device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N' for one of the {gpus} CUDA GPU(s) "
+                         "torch sees")
     if dtype == 'auto':
         dtype = 'bfloat16' if device != 'cpu' and torch.cuda.is_bf16_supported() else 'float32'
     if dtype not in ('float32', 'bfloat16', 'float16'):
