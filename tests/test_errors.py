@@ -168,17 +168,19 @@ def test_a_live_run_keeps_its_folder(train_data, run_dir):
     assert snapshot(run_dir) == {path: data for path, data in before.items() if not path.endswith('.lock')}
 
 
-def test_prepare_with_bad_input_keeps_the_shards_there(data_dir, tmp_path):
+@pytest.mark.parametrize('bad_line,message', [(b'{"text": 12345}', "line 21: its 'text' is 12345, not a string"),
+                                              (b'{"text": "caf\xe9 au lait"}', 'line 21: not UTF-8 (byte 13 of the line is 0xe9)')],
+                         ids=['not a string', 'not UTF-8'])
+def test_prepare_with_bad_input_keeps_the_shards_there(data_dir, tmp_path, bad_line, message):
     datas = tmp_path / 'datas'
     data = str(shutil.copytree(data_dir, datas / 'data'))
     before = snapshot(datas)
     bad = tmp_path / 'bad.jsonl'
-    lines = [json.dumps(dict(text=f"document {i} " * 50)) for i in range(30)]
-    bad.write_text('\n'.join(lines[:20] + ['{"text": 12345}'] + lines[20:]) + '\n')
+    lines = [json.dumps(dict(text=f"document {i} " * 50)).encode() for i in range(30)]
+    bad.write_bytes(b'\n'.join(lines[:20] + [bad_line] + lines[20:]) + b'\n')
     # a real process with worker processes: the error was a worker's, and came as three tracebacks
-    line = assert_one_error_line(*run_process('data/prepare.py', f'--input={bad}', '--tokenizer=bytes', f'--out_dir={data}',
-                                              '--num_workers=2', '--val_every=4'), f'{bad}, line 21', "'text' is 12345")
-    assert 'not a string' in line
+    assert_one_error_line(*run_process('data/prepare.py', f'--input={bad}', '--tokenizer=bytes', f'--out_dir={data}',
+                                       '--num_workers=2', '--val_every=4'), f'error: {bad}, {message}')
     assert snapshot(datas) == before  # the shards and prepare.json as they were, and no build folder left
     assert shards.Shards(data, 'train', 32).num_tokens > 0
 
@@ -195,6 +197,16 @@ def test_stale_temporary_files_are_replaced(run_dir, tmp_path, capfd):
     (tmp_path / 'notes.txt.tmp').write_text('half of an old write')
     atomic_write_text(str(tmp_path / 'notes.txt'), 'whole')
     assert (tmp_path / 'notes.txt').read_text() == 'whole' and not (tmp_path / 'notes.txt.tmp').exists()
+    # prepare.py builds in out_dir + '.tmp', a fixed name that a killed run leaves, with half a shard in
+    # it: the next run removes it, and the dataset it makes replaces the old one
+    data = shutil.copytree(data_dir, tmp_path / 'datas' / 'data')
+    (tmp_path / 'datas' / 'data.tmp').mkdir()
+    shutil.copyfile(data / 'train_000000.bin', tmp_path / 'datas' / 'data.tmp' / 'train_000000.bin')
+    (tmp_path / 'datas' / 'data.tmp' / 'train_000001.bin.tmp').write_bytes(b'half a shard')
+    status, out, err = run(capfd, 'data/prepare.py', f"--input={os.path.join(os.path.dirname(data_dir), 'docs.jsonl')}",
+                           '--tokenizer=bytes', f'--out_dir={data}', '--num_workers=1', '--val_every=5')
+    assert status == 0 and err == '' and sorted(os.listdir(tmp_path / 'datas')) == ['data']
+    assert json.load(open(data / 'prepare.json'))['val_every'] == 5 and shards.Shards(str(data), 'train', 32).num_tokens
     # a checkpoint write killed half-way leaves ckpt.pt.tmp: the run resumes, and its next checkpoint replaces it
     (run_dir / 'ckpt.pt.tmp').write_bytes(b'half a checkpoint')
     status, _, err = run_script(capfd, 'train.py', '--init_from=resume', f'--out_dir={run_dir}', '--max_iters=3')

@@ -1,17 +1,26 @@
-"""data/prepare.py: Pile-format input to token shards, and the reader train.py uses."""
+"""data/prepare.py (Pile-format input to token shards, and the reader train.py uses), the built-in
+corpora's builders data/stdlib/prepare.py and data/packages/prepare.py at toy scale, and what a run
+into a folder that holds something may and may not do: the old dataset and every other file stay."""
 import glob
 import hashlib
 import json
 import os
+import pathlib
+import random
+import signal
+import subprocess
 import sys
+import sysconfig
+import time
 
 import numpy as np
 import pytest
 
+import data.packages.prepare as packages
 import data.prepare as prep
+import data.stdlib.prepare as stdlib
 import shards
-from conftest import PYTHIA_TOKENIZER
-from configurator import parse_settings
+from conftest import PYTHIA_TOKENIZER, REPO
 from tokenizer import Tokenizer
 
 
@@ -124,9 +133,9 @@ def test_wrong_tokenizer_is_refused(tmp_path):
     bogus.write_text(json.dumps(dict(model=dict(type='Unigram'))))
     with pytest.raises(ValueError, match='tokenizer.json'):
         prep.prepare(input=str(tmp_path / 'd.jsonl'), tokenizer=str(bogus), out_dir=str(tmp_path / 'o2'))
-    with pytest.raises(ValueError, match='no tokenizer at'):
+    with pytest.raises(ValueError, match=r"tokenizer='.*missing.json': no tokenizer there"):
         prep.prepare(input=str(tmp_path / 'd.jsonl'), tokenizer=str(tmp_path / 'missing.json'))
-    with pytest.raises(ValueError, match='which tokenizer'):
+    with pytest.raises(ValueError, match="tokenizer='': give Pythia's tokenizer.json"):
         prep.prepare(input=str(tmp_path / 'd.jsonl'))
 
 
@@ -155,79 +164,306 @@ def test_damaged_or_foreign_shards_are_refused(tmp_path):
         shards.Shards(out_dir, 'val', 10_000)
 
 
-def folder_bytes(folder):
-    return {name: open(os.path.join(folder, name), 'rb').read() for name in sorted(os.listdir(folder))}
+def snapshot(folder):
+    """Every file under folder, path -> bytes: also catches a file added or left behind."""
+    return {os.path.join(parent, name): pathlib.Path(parent, name).read_bytes()
+            for parent, _, names in os.walk(folder) for name in names}
 
 
-def test_failed_run_leaves_the_old_dataset_intact(tmp_path, monkeypatch):
+def script_command(script, args, prelude=''):
+    """`python script args`, after prelude: Python that patches something first."""
+    code = f"{prelude}\nimport runpy, sys\nsys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')"
+    return [sys.executable, '-c', code, os.path.join(REPO, script), *args]
+
+
+def run_script(script, *args, cwd, prelude=''):
+    """Run script as a real process in cwd. Returns (exit status, stdout, stderr)."""
+    result = subprocess.run(script_command(script, args, prelude), cwd=cwd, capture_output=True, text=True, timeout=120)
+    return result.returncode, result.stdout, result.stderr
+
+
+def error_line(status, out, err, code=1):
+    """The one line a run that exited with code printed on stderr, 'error: ...'; and no traceback."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert status == code and len(lines) == 1 and lines[0].startswith('error: '), (status, err)
+    assert 'Traceback' not in out + err
+    return lines[0]
+
+
+def test_bad_input_halfway_leaves_the_old_dataset_intact(tmp_path, monkeypatch):
     monkeypatch.setattr(prep, 'BATCH_BYTES', 100)
     good = write_jsonl(tmp_path / 'good.jsonl', DOCS)
     out_dir = prep.prepare(input=good, tokenizer='bytes', out_dir=str(tmp_path / 'out'), shard_tokens=50, num_workers=2)
-    before = folder_bytes(out_dir)
+    before = snapshot(tmp_path)
     # a rerun that fails partway (a bad line after some shards were written) ...
     bad = tmp_path / 'bad.jsonl'
     bad.write_text(open(good).read() * 2 + '{"no text": 1}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl, line 43: not a JSON object with a 'text' field"):
         prep.prepare(input=str(bad), tokenizer='bytes', out_dir=out_dir, shard_tokens=50, num_workers=2)
     # ... leaves the earlier dataset as it was, byte for byte, and nothing of its own
-    assert folder_bytes(out_dir) == before
-    assert sorted(os.listdir(tmp_path)) == ['bad.jsonl', 'good.jsonl', 'out']
-    assert shards.Shards(out_dir, 'train', 4).num_tokens == json.load(open(os.path.join(out_dir, 'prepare.json')))['train']['tokens']
-    # a run killed outright leaves its build folder, out_dir + '.tmp': the next run removes it
-    os.makedirs(out_dir + '.tmp')
-    shards.write_shard(os.path.join(out_dir + '.tmp', 'train_000000.bin'), np.zeros(9, np.uint16), 257, 'bytes')
-    open(os.path.join(out_dir + '.tmp', 'train_000001.bin.tmp'), 'wb').write(b'half a shard')
-    # and a rerun replaces everything
-    prep.prepare(input=good, tokenizer='bytes', out_dir=out_dir, shard_tokens=10_000, num_workers=1)
-    assert sorted(os.listdir(out_dir)) == ['prepare.json', 'train_000000.bin', 'val_000000.bin']
-    assert sorted(os.listdir(tmp_path)) == ['bad.jsonl', 'good.jsonl', 'out']
-    # other files in out_dir stay; a build folder holding something else is not ours to delete
-    (tmp_path / 'out' / 'NOTES.md').write_text('mine')
+    os.remove(bad)
+    assert snapshot(tmp_path) == before
+    summary = json.load(open(os.path.join(out_dir, 'prepare.json')))
+    assert shards.Shards(out_dir, 'train', 4).num_tokens == summary['train']['tokens']
+    # the folder a run builds in, out_dir + '.tmp', left by a run killed outright, is removed by the
+    # next run; unless it holds something a run does not write there
     (tmp_path / 'out.tmp').mkdir()
-    (tmp_path / 'out.tmp' / 'precious.txt').write_text('mine too')
-    with pytest.raises(ValueError, match=r'out.tmp, where this run builds its shards .* holds precious.txt'):
+    (tmp_path / 'out.tmp' / 'precious.txt').write_text('mine')
+    with pytest.raises(ValueError, match=r'out.tmp, where this script writes before renaming into place, holds '
+                                         r'precious.txt, which it did not write'):
         prep.prepare(input=good, tokenizer='bytes', out_dir=out_dir, num_workers=1)
-    os.remove(tmp_path / 'out.tmp' / 'precious.txt')
-    prep.prepare(input=good, tokenizer='bytes', out_dir=out_dir, shard_tokens=10_000, num_workers=1, val_every=3)
-    assert (tmp_path / 'out' / 'NOTES.md').read_text() == 'mine' and not (tmp_path / 'out.tmp').exists()
+    assert (tmp_path / 'out.tmp' / 'precious.txt').read_text() == 'mine'
 
 
 def test_zst_without_zstandard_names_the_package(tmp_path, monkeypatch):
     path = write_jsonl(tmp_path / 'd.jsonl.zst', DOCS, compress=True)
     monkeypatch.setitem(sys.modules, 'zstandard', None)  # import zstandard now raises ImportError
-    with pytest.raises(SystemExit, match='needs the zstandard package: pip install zstandard'):
+    with pytest.raises(ValueError, match='d.jsonl.zst needs the zstandard package: pip install zstandard'):
         list(prep.read_batches([path]))
 
 
-def test_default_corpus_is_labelled_pile_format(tmp_path):
+def test_at_most_one_batch_per_worker_is_in_flight():
+    """Memory stays flat: a batch is drawn from the input only when a worker is free for it (Pool.imap
+    would draw them all at once); the results come in order."""
+    drawn = []
+
+    def tasks():
+        for i in range(20):
+            drawn.append(i)
+            yield ('d.jsonl', i + 1, i, [json.dumps(dict(text='x' * i)).encode()], i), 2
+
+    with prep.workers('bytes', 3) as workers:
+        for answered, (train, val, count, bytes_read) in enumerate(prep.tokenize_in_order(workers, tasks()), start=1):
+            assert len(drawn) - answered <= 3  # the 3 workers' batches, and the next one, waiting for a worker
+            i = answered - 1
+            assert (train if i % 2 else val).tolist() == [ord('x')] * i + [256] and bytes_read == i and count == 1
+    assert answered == len(drawn) == 20
+
+
+def test_settings_are_checked_and_listed(tmp_path):
+    status, out, err = run_script('data/prepare.py', '--help', cwd=tmp_path)
+    assert status == 0 and 'num_workers = 0  # tokenizer processes; 0 means one per CPU core' in out
+    assert 'val_every = 50' in out and "ood_input = ''" in out and 'overwrite = False' in out
+    assert error_line(*run_script('data/prepare.py', '--input=nowhere.jsonl', '--tokenizer=bytes', '--val_every=1',
+                                  cwd=tmp_path)) == \
+        "error: val_every=1: give 2 or more (with 1, train would be empty)"
+    assert os.listdir(tmp_path) == []
+    path = write_jsonl(tmp_path / 'd.jsonl', DOCS)
+    with pytest.raises(ValueError, match=r"input='': give the JSON lines to tokenize"):
+        prep.prepare(tokenizer='bytes')
+    with pytest.raises(ValueError, match=r"num_workers=-1: give 1 or more, or 0 for one per CPU core"):
+        prep.prepare(input=path, tokenizer='bytes', num_workers=-1)
+    with pytest.raises(TypeError, match=r'corpus: not settings of data/prepare.py'):
+        prep.prepare(input=path, tokenizer='bytes', corpus='stdlib')
+    assert sorted(os.listdir(tmp_path)) == ['d.jsonl']
+
+# -----------------------------------------------------------------------------
+# Nothing lost: what a run may do to the folder it writes into
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    """A dataset of DOCS in tmp_path/out, 5 train shards and 1 val shard; the input is tmp_path/docs.jsonl."""
+    return prep.prepare(input=write_jsonl(tmp_path / 'docs.jsonl', DOCS), tokenizer='bytes',
+                        out_dir=str(tmp_path / 'out'), shard_tokens=50, num_workers=1)
+
+
+def test_other_files_in_the_output_folder_stay(dataset, tmp_path):
+    out = pathlib.Path(dataset)
+    (out / 'report.tmpl').write_text('{{ mine }}')
+    (out / 'plan.tmp.txt').write_text('my plan')
+    before = snapshot(tmp_path)
+    rerun = ('data/prepare.py', f"--input={tmp_path / 'docs.jsonl'}", '--tokenizer=bytes', f'--out_dir={out}',
+             '--val_every=3')
+    line = error_line(*run_script(*rerun, cwd=tmp_path))
+    assert line == (f"error: {out} holds plan.tmp.txt, which data/prepare.py did not write (no prepare.json there "
+                    "lists it): move it away, or pass --overwrite=True to keep it there beside the new dataset, or "
+                    "pick another --out_dir")
+    assert snapshot(tmp_path) == before
+    # told to, it replaces the old dataset's files (those its prepare.json lists) and leaves the others
+    status, out_text, err = run_script(*rerun, '--overwrite=True', cwd=tmp_path)
+    assert status == 0 and err == '' and f"in {out}" in out_text
+    assert sorted(os.listdir(out)) == ['plan.tmp.txt', 'prepare.json', 'report.tmpl', 'train_000000.bin',
+                                       'val_000000.bin']
+    assert (out / 'report.tmpl').read_bytes() == b'{{ mine }}' and (out / 'plan.tmp.txt').read_bytes() == b'my plan'
+    assert json.load(open(out / 'prepare.json'))['val_every'] == 3 and not os.path.exists(f'{out}.tmp')
+    # a file named as a dataset's that no prepare.json lists is refused even so: the new dataset would
+    # replace it, or train.py would read it with the new dataset
+    for name in ('train_000007.bin', 'tokenizer.json'):
+        (out / name).write_bytes(b'not from this dataset')
+        before = snapshot(tmp_path)
+        assert error_line(*run_script(*rerun, '--overwrite=True', cwd=tmp_path)) == (
+            f"error: {out} holds {name}, which data/prepare.py did not write (no prepare.json there lists it): "
+            "move it away, or pick another --out_dir")
+        assert snapshot(tmp_path) == before
+        os.remove(out / name)
+
+
+def alive(pid):
+    """Whether process pid runs (a zombie, dead but not yet reaped by its parent, does not)."""
+    try:
+        return pathlib.Path(f'/proc/{pid}/stat').read_text().rpartition(')')[2].split()[0] != 'Z'
+    except FileNotFoundError:
+        return False
+
+
+# each process that loads the tokenizer (the run, then each worker) leaves a file named by its pid; a
+# worker's first batch takes a minute
+SLOW_TOKENIZER = '''
+import os, pathlib, sys, time
+sys.path.insert(0, {repo!r})
+import tokenizer
+bytes_tokenizer = tokenizer.Tokenizer.bytes
+def load():
+    pathlib.Path({pids!r}, f'loaded-{{os.getpid()}}').touch()
+    return bytes_tokenizer()
+def encode_batch(self, texts, **kwargs):
+    pathlib.Path({pids!r}, f'busy-{{os.getpid()}}').touch()
+    time.sleep(60)
+tokenizer.Tokenizer.bytes, tokenizer.Tokenizer.encode_batch = staticmethod(load), encode_batch
+'''
+
+
+# how each case stops the run: which process gets which signal
+STOPS = {'SIGTERM': ('run', signal.SIGTERM), 'SIGTERM to the group': ('group', signal.SIGTERM),
+         'Ctrl-C': ('group', signal.SIGINT), 'kill -9': ('run', signal.SIGKILL),
+         'a worker killed': ('busy worker', signal.SIGKILL)}
+
+
+@pytest.mark.skipif(not os.path.isdir('/proc'), reason='reads the processes from /proc')
+@pytest.mark.parametrize('stop', STOPS)
+def test_a_stopped_run_takes_its_workers_with_it(dataset, tmp_path, stop):
+    """SIGTERM (to the run, or to its whole process group, as Slurm sends it) or Ctrl-C (a terminal
+    sends it to the group): one line, exit 143 or 130, the old dataset as it was, no worker left. A
+    worker killed (as the out-of-memory killer does): one line too. kill -9: no worker left either,
+    and none prints a word."""
+    pids = tmp_path / 'pids'
+    pids.mkdir()
+    before = snapshot(dataset)
+    args = (f"--input={tmp_path / 'docs.jsonl'}", '--tokenizer=bytes', f'--out_dir={dataset}', '--num_workers=2')
+    command = script_command('data/prepare.py', args, SLOW_TOKENIZER.format(repo=REPO, pids=str(pids)))
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    workers = set()
+    try:
+        deadline = time.time() + 60
+        while len(os.listdir(pids)) < 4:  # the run and two workers loaded, one worker busy
+            assert process.poll() is None and time.time() < deadline, process.communicate()
+            time.sleep(0.05)
+        started = {name.split('-')[0]: int(name.split('-')[1]) for name in sorted(os.listdir(pids), reverse=True)}
+        workers = {int(name.split('-')[1]) for name in os.listdir(pids) if name.startswith('loaded-')} - {process.pid}
+        assert len(workers) == 2 and all(map(alive, workers)) and started['busy'] in workers
+        target, signum = STOPS[stop]
+        if target == 'group':
+            os.killpg(process.pid, signum)
+        else:
+            os.kill(process.pid if target == 'run' else started['busy'], signum)
+        out, err = process.communicate(timeout=30)  # till every process holding its stdout and stderr is gone
+        deadline = time.time() + 10
+        while any(map(alive, workers)) and time.time() < deadline:
+            time.sleep(0.05)
+        assert not any(map(alive, workers))
+    finally:
+        for pid in filter(alive, workers | {process.pid}):
+            os.kill(pid, signal.SIGKILL)
+    assert snapshot(dataset) == before
+    if stop == 'kill -9':
+        assert process.returncode == -signal.SIGKILL and out == err == ''
+        assert os.path.isdir(f'{dataset}.tmp')  # its build folder: the next run removes it
+        status, _, err = run_script('data/prepare.py', *args, cwd=tmp_path)
+        assert status == 0 and err == '' and not os.path.exists(f'{dataset}.tmp')
+        return
+    if stop == 'a worker killed':
+        line = error_line(process.returncode, out, err, 1)
+        assert line == ("error: a tokenizer process died (exit status -9; -9 is what the system's out-of-memory "
+                        "killer leaves): run again, with fewer --num_workers if memory is short")
+    else:
+        line = error_line(process.returncode, out, err, 130 if stop == 'Ctrl-C' else 143)
+        assert line == (f"error: {'interrupted' if stop == 'Ctrl-C' else 'terminated'}; {dataset} is as it was "
+                        "(its dataset kept); run the same command again")
+    assert not os.path.exists(f'{dataset}.tmp')
+
+
+# the disk fills up during the first shard's write
+FULL_DISK = '''
+import errno, os, sys
+sys.path.insert(0, {repo!r})
+import atomic, shards
+def write_shard(path, tokens, vocab_size, identity):
+    def write(tmp_path):
+        with open(tmp_path, 'wb') as f:
+            f.write(b'the first bytes')
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    atomic.atomic_write(path, write)
+shards.write_shard = write_shard
+'''
+
+
+def test_a_full_disk_is_one_line_naming_the_file(dataset, tmp_path):
+    before = snapshot(tmp_path)
+    args = (f"--input={tmp_path / 'docs.jsonl'}", '--tokenizer=bytes', '--num_workers=1')
+    line = error_line(*run_script('data/prepare.py', *args, f'--out_dir={dataset}', cwd=tmp_path,
+                                  prelude=FULL_DISK.format(repo=REPO)))
+    assert line == (f"error: {dataset}.tmp/train_000000.bin: cannot write it (No space left on device): make room, or "
+                    f"write elsewhere; the earlier file, if any, is as it was; {dataset} is as it was (its dataset "
+                    "kept); run the same command again")
+    assert snapshot(tmp_path) == before  # and no build folder, no half a shard
+    # a folder that cannot be made (a file stands where a folder should be) is one line naming it
+    (tmp_path / 'file').write_text('not a folder')
+    before = snapshot(tmp_path)
+    line = error_line(*run_script('data/prepare.py', *args, f"--out_dir={tmp_path / 'file' / 'out'}", cwd=tmp_path))
+    assert line == (f"error: {tmp_path / 'file' / 'out.tmp'}: Not a directory; the files written before this run "
+                    "are as they were")
+    assert snapshot(tmp_path) == before
+
+# -----------------------------------------------------------------------------
+# The stdlib corpus, the demo's
+
+
+def test_stdlib_corpus_is_labelled_pile_format(tmp_path):
     path = str(tmp_path / 'stdlib.jsonl')
-    documents = prep.build_default_corpus(path, max_bytes=600_000)
+    documents = stdlib.write_corpus(path, max_bytes=600_000)
     lines = [json.loads(line) for line in open(path, encoding='utf-8')]
     assert len(lines) == len(documents) > 5
     assert documents == [(d['meta']['source'], len(d['text'].encode('utf-8'))) for d in lines]
     assert 600_000 <= sum(len(d['text']) for d in lines) < 600_000 + max(size for _, size in documents)  # then it stops
-    sources = [d['meta']['source'] for d in lines]
-    assert all(s.startswith('Lib/') and s.endswith('.py') for s in sources)  # stdlib module sources only
-    assert sources != sorted(sources)  # a seeded shuffle: each batch mixes modules
     assert all('stdlib (dijiang default corpus)' in d['meta']['pile_set_name'] for d in lines)
-    assert not any('/test/' in s or s.startswith('Lib/test') for s in sources)
+    # the demo's documents and their order, on which its numbers depend: the stdlib's modules outside
+    # tests, caches, the pydoc topics and installed packages, sorted by path, shuffled by Random(0)
+    root = sysconfig.get_paths()['stdlib']
+    skip = {'site-packages', 'dist-packages', 'test', 'tests', 'idle_test', 'pydoc_data', '__pycache__'}
+    modules = sorted(os.path.relpath(os.path.join(folder, name), root) for folder, _, names in os.walk(root)
+                     if not skip & set(os.path.relpath(folder, root).split(os.sep)) for name in names
+                     if name.endswith('.py'))
+    random.Random(0).shuffle(modules)
+    assert [d['meta']['source'] for d in lines] == [f'Lib/{module}' for module in modules[:len(lines)]]
+    assert lines[0]['text'] == open(os.path.join(root, modules[0]), encoding='utf-8').read()
 
 
-def test_settings_parser():
-    settings = dict(input='', shard_tokens=10, val_every=50, corpus_mb=4.0)
-    assert parse_settings(['--input=a b.jsonl', '--shard_tokens=5', '--corpus_mb=1'], settings, '') == \
-        dict(input='a b.jsonl', shard_tokens=5, corpus_mb=1.0)
-    # a string setting keeps literal-looking text as written
-    assert parse_settings(["--input=42", "--input='q'", '--input=1,2'], settings, '') == dict(input='1,2')
-    assert parse_settings(['--input=42'], settings, '') == dict(input='42')
-    assert parse_settings(["--input='q'"], settings, '') == dict(input="'q'")
-    with pytest.raises(SystemExit, match="unknown argument '--nope=1'"):
-        parse_settings(['--nope=1'], settings, '')
-    with pytest.raises(SystemExit, match=r'expected a value like 10 \(int\)'):
-        parse_settings(['--shard_tokens=many'], settings, '')
-    help_text = prep.settings_help(prep.__file__)
-    assert 'shard_tokens = 100_000_000' in help_text and 'val_every = 0' in help_text
-
+def test_stdlib_builder(tmp_path, monkeypatch):
+    """python data/stdlib/prepare.py, at toy scale: the corpus in data/stdlib/stdlib.jsonl (under the
+    working directory), tokenized into data/stdlib-bytes, every 10th document in val, each split's
+    files in prepare.json."""
+    status, out, err = run_script('data/stdlib/prepare.py', '--corpus_mb=0.3', '--num_workers=2', cwd=tmp_path)
+    assert status == 0 and err == '', err
+    assert sorted(os.listdir(tmp_path / 'data')) == ['stdlib', 'stdlib-bytes']
+    lines = [json.loads(line) for line in open(tmp_path / 'data' / 'stdlib' / 'stdlib.jsonl', encoding='utf-8')]
+    texts, sources = [d['text'] for d in lines], [d['meta']['source'] for d in lines]
+    out_dir = tmp_path / 'data' / 'stdlib-bytes'
+    expected = expected_tokens(texts, lambda s: list(s.encode('utf-8')), 256, val_every=10)
+    assert read_split(out_dir, 'train') == expected['train'] and read_split(out_dir, 'val') == expected['val']
+    summary = json.load(open(out_dir / 'prepare.json'))
+    assert summary['corpus'] == 'stdlib' and summary['documents'] == len(lines) and summary['val_every'] == 10
+    assert summary['val']['files'] == sources[::10]
+    assert summary['train']['files'] == [source for i, source in enumerate(sources) if i % 10]
+    assert summary['train']['bytes'] + summary['val']['bytes'] == sum(len(t.encode('utf-8')) for t in texts)
+    assert f"{len(lines)} documents -> {len(expected['train']):,} train and {len(expected['val']):,} val tokens (bytes) " \
+           f"in {os.path.join('data', 'stdlib-bytes')}" in out
+    # what train.py calls on first use
+    monkeypatch.chdir(tmp_path)
+    assert stdlib.build(out_dir=str(tmp_path / 'again'), corpus_mb=0.3, num_workers=1) == str(tmp_path / 'again')
+    assert snapshot(tmp_path / 'again')[str(tmp_path / 'again' / 'train_000000.bin')] == \
+        (out_dir / 'train_000000.bin').read_bytes()
 
 # -----------------------------------------------------------------------------
 # The packages corpus, built from a fake installation in tmp_path
@@ -280,8 +516,8 @@ def test_packages_corpus_splits(tmp_path, monkeypatch):
     outside_gamma = sum(len(data) for name, data in eligible.items() if not name.startswith('site/gamma/'))
 
     for corpus_mb, ood_mb in [(1.0, 1.0), (outside_gamma / 2e6, 0.002)]:  # everything; then both caps biting
-        out_dir = prep.prepare(corpus='packages', corpus_mb=corpus_mb, ood_package='gamma', ood_mb=ood_mb,
-                               roots=roots, out_dir=str(tmp_path / 'out'), val_every=5, num_workers=2)
+        out_dir = packages.build(corpus_mb=corpus_mb, ood_package='gamma', ood_mb=ood_mb, roots=roots,
+                                 out_dir=str(tmp_path / 'out'), val_every=5, num_workers=2)
         summary = json.load(open(os.path.join(out_dir, 'prepare.json')))
         assert summary['corpus'] == 'packages' and summary['held_out_package'] == 'gamma'
         assert summary['roots'] == roots
@@ -329,10 +565,7 @@ def test_held_out_package_choice(tmp_path):
     roots = dict(site=str(tmp_path / 'site'), lib=str(tmp_path / 'lib'))
 
     def held_out(wanted, ood_mb):
-        corpus = tmp_path / 'corpus'
-        built = prep.build_packages_corpus(str(corpus / 'main.jsonl'), str(corpus / 'ood.jsonl'), 10 ** 6, wanted,
-                                           int(ood_mb * 1e6), roots)
-        return built['held_out_package']
+        return packages.held_out_package(roots, packages.python_files(roots), wanted, int(ood_mb * 1e6))
 
     assert held_out('gamma', 0.001) == 'gamma'  # installed: held out even when bigger than ood_mb
     assert held_out('missing', 0.007) == 'alpha'  # the largest that fits whole (6 KB; beta is 8.5 KB)
@@ -340,11 +573,16 @@ def test_held_out_package_choice(tmp_path):
     assert held_out('top', 0.007) == 'alpha'  # a module at the top is not a package
 
 
-def test_corpus_setting_is_checked(tmp_path, monkeypatch):
+def test_builder_settings_are_checked(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ValueError, match="corpus='pile' is not a built-in corpus: use one of stdlib, packages"):
-        prep.prepare(corpus='pile', out_dir=str(tmp_path / 'out'))
-    with pytest.raises(ValueError, match='cannot be negative'):
-        prep.prepare(corpus='packages', corpus_mb=-1.0, out_dir=str(tmp_path / 'out'))
+    with pytest.raises(ValueError, match=r'corpus_mb=-1.0: give a size in MB above 0'):
+        packages.build(corpus_mb=-1.0, out_dir=str(tmp_path / 'out'))
+    with pytest.raises(ValueError, match=r'corpus_mb=0.0: give a size in MB above 0'):
+        stdlib.build(corpus_mb=0.0, out_dir=str(tmp_path / 'out'))
     with pytest.raises(ValueError, match='no package folders with .py files'):
-        prep.prepare(corpus='packages', roots=dict(empty=str(tmp_path)), out_dir=str(tmp_path / 'out'))
+        packages.build(roots=dict(empty=str(tmp_path)), out_dir=str(tmp_path / 'out'))
+    with pytest.raises(TypeError, match='corpus: not settings of data/stdlib/prepare.py'):
+        stdlib.build(corpus='stdlib')
+    assert os.listdir(tmp_path) == []
+    status, out, err = run_script('data/packages/prepare.py', '--help', cwd=tmp_path)
+    assert status == 0 and "ood_package = 'networkx'" in out and 'corpus_mb = 160.0' in out
