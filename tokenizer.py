@@ -108,7 +108,8 @@ def tokenizer_json_from_gguf(meta, path):
         raise Unsupported(f"{path}: token types {sorted(set(kinds) - {1, 3})} (only normal and control tokens)")
     return {'version': '1.0', 'truncation': None, 'padding': None,
             'added_tokens': [{'id': i, 'content': t, 'single_word': False, 'lstrip': False, 'rstrip': False,
-                              'normalized': False, 'special': True} for i, (t, kind) in enumerate(zip(tokens, kinds)) if kind == 3],
+                              'normalized': False, 'special': True}
+                             for i, (t, kind) in enumerate(zip(tokens, kinds)) if kind == 3],
             'normalizer': None, 'pre_tokenizer': GGUF_PRE_TOKENIZERS[pre], 'post_processor': None, 'decoder': BYTE_LEVEL,
             'model': {'type': 'BPE', 'dropout': None, 'unk_token': None, 'continuing_subword_prefix': None,
                       'end_of_word_suffix': None, 'fuse_unk': False, 'byte_fallback': False, 'ignore_merges': False,
@@ -196,7 +197,8 @@ class Tokenizer:
         for t in tj['added_tokens']:  # Pythia's space runs take over the bytes of the BPE tokens that spell them
             if not t['special']:
                 if not pythia or set(t['content']) != {' '} or not 2 <= len(t['content']) <= 24:
-                    raise Unsupported(f"{path}: unsupported added token {t['content']!r} (only Pythia's runs of 2..24 spaces)")
+                    raise Unsupported(f"{path}: unsupported added token {t['content']!r} (only Pythia's runs of "
+                                      "2..24 spaces)")
                 ranks[t['content'].encode()] = t['id']
         if '<|endoftext|>' not in special:
             raise Unsupported(f"{path}: no special token <|endoftext|>, which separates documents")

@@ -248,7 +248,8 @@ def test_smollm2_decode_matches_hf_on_any_ids(smollm2):
     tok, hf = smollm2
     rng = random.Random(1)
     for _ in range(300):
-        ids = [rng.choice([rng.randrange(tok.vocab_size), rng.randrange(17, 300), 0, 1, 2]) for _ in range(rng.randint(0, 20))]
+        ids = [rng.choice([rng.randrange(tok.vocab_size), rng.randrange(17, 300), 0, 1, 2])
+               for _ in range(rng.randint(0, 20))]
         assert tok.decode(ids) == hf.decode(ids, skip_special_tokens=False), ids
 
 
