@@ -306,11 +306,11 @@ class DiJiangAttention(nn.Module):
         cfg = self.config
         if cfg.kernel == 'torch' or cfg.form != 'chunk':
             return False
-        supported = (q.is_cuda and triton_attention is not None and cfg.feature_map != 'identity'
-                     and cfg.head_size <= 128 and cfg.chunk_size in (16, 32, 64, 128))
+        supported = q.is_cuda and triton_attention is not None and triton_attention.supports(
+            cfg.head_size, cfg.chunk_size, q.dtype, 'identity' if cfg.feature_map == 'identity' else 'softmax')
         if cfg.kernel == 'triton' and not supported:
-            raise ValueError("kernel='triton' needs CUDA, Triton, head_size <= 128, chunk_size in 16/32/64/128 "
-                             "and a softmax feature map: use kernel='auto' or 'torch'")
+            raise ValueError("kernel='triton' needs CUDA, Triton and what fast/triton_attention.supports() takes "
+                             "(head_size, chunk_size, dtype): use kernel='auto' or 'torch'")
         return supported
 
     def attend(self, q, k, v, past):
@@ -322,9 +322,10 @@ class DiJiangAttention(nn.Module):
                              "GPT.to_dtype(dtype), which keeps the fixed buffers fp32, not with .to(dtype)")
         with torch.autocast(q.device.type, enabled=False):
             if self.uses_triton(q):  # the fused kernels compute the feature map themselves
+                proj = None if self.config.feature_map == 'identity' else self.feature_proj  # None: phi(x) = x
                 if q.shape[1] == 1 and past is not None:  # a decoding step: the state is updated in place
-                    return triton_attention.recurrent_step(q, k, v, self.feature_proj, self.decay, past), past
-                return triton_attention.chunk_attention(q, k, v, self.feature_proj, self.decay, past,
+                    return triton_attention.recurrent_step(q, k, v, proj, self.decay, past), past
+                return triton_attention.chunk_attention(q, k, v, proj, self.decay, past,
                                                         output_final_state=True, chunk_size=self.config.chunk_size)
             if self.config.feature_map == 'identity':
                 phi_q, phi_k = q, k
