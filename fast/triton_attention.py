@@ -62,7 +62,7 @@ CHUNK_SIZES = (16, 32, 64, 128)
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 FEATURE_MAPS = ("softmax", "identity")  # softmax(x @ P) for any P (the model's qmc, mc, performer), or x
 LIMITS = ("head_dim <= 256, chunk_size 16, 32, 64 or 128, bf16, fp16 or fp32 inputs, "
-          "feature map softmax(x @ P) or identity")
+          "feature map softmax(x @ P), or identity with bf16 inputs")
 
 FUSED_MAP_MAX_DIM = 128  # wider heads get phi from _feature_map_kernel
 SLICE = 64  # a program's share of a state too large for one program
@@ -82,9 +82,13 @@ FEATURE_ROWS = 64  # rows (tokens x heads) per program of the feature-map kernel
 
 def supports(head_dim, chunk_size=64, dtype=torch.bfloat16, feature_map="softmax"):
     """Whether chunk_attention and recurrent_step take these settings (LIMITS says it in words).
-    feature_map is 'softmax' for phi(x) = softmax(x @ P), whatever P is, or 'identity'."""
+    feature_map is 'softmax' for phi(x) = softmax(x @ P), whatever P is, or 'identity'. The identity
+    map takes bf16 inputs only: its products take q, k, v as bf16 operands, and with unnormalized
+    features a model's gradients move by ~3e-2 when fp32 q, k, v are rounded so (softmax features:
+    ~6e-3, and fp32 x is split into two bf16 parts for x @ P). recurrent_step computes in fp32 and
+    takes either map with any of DTYPES."""
     return (1 <= head_dim <= MAX_HEAD_DIM and chunk_size in CHUNK_SIZES and dtype in DTYPES
-            and feature_map in FEATURE_MAPS)
+            and feature_map in FEATURE_MAPS and (feature_map == "softmax" or dtype == torch.bfloat16))
 
 
 # -----------------------------------------------------------------------------
@@ -731,6 +735,9 @@ def chunk_attention(q, k, v, proj, decay, initial_state=None, output_final_state
     H, _, D = _check_inputs(q, k, v, proj, decay)
     if chunk_size not in CHUNK_SIZES:
         raise ValueError(f"chunk_size must be one of {CHUNK_SIZES}, got {chunk_size}")
+    if proj is None and q.dtype != torch.bfloat16:
+        raise NotImplementedError(f"the identity map with {q.dtype} inputs: the Triton kernels take {LIMITS}; "
+                                  f"use kernel='torch'")
     if initial_state is not None:
         _check_state(initial_state, q.shape[0], H, D, "initial_state")
     o, final_state, _ = _chunk_attention_op(q, k, v, None if proj is None else proj.contiguous(), decay.contiguous(),

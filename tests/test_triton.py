@@ -204,14 +204,17 @@ def test_matches_dijiang_attention_chunk():
 
 def test_supports_states_the_limits():
     assert all(supports(D) for D in HEAD_DIMS + [1, 32, 100])
-    assert supports(64, 16, torch.float32, "identity") and supports(256, 128, torch.float16)
+    assert supports(64, 16, torch.bfloat16, "identity") and supports(256, 128, torch.float16)
     assert not supports(257) and not supports(64, chunk_size=48) and not supports(64, dtype=torch.float64)
+    assert not supports(64, dtype=torch.float32, feature_map="identity")  # see supports()
     assert not supports(64, feature_map="qmc")  # the model's softmax maps are all 'softmax' here
     q, k, v, proj, decay = make_inputs(1, 8, 2, 64)
     with pytest.raises(ValueError, match="chunk_size"):
         chunk_attention(q, k, v, proj, decay, chunk_size=48)
     with pytest.raises(ValueError, match="H_kv dividing H"):
         chunk_attention(q, k[:, :, :1].expand(1, 8, 3, 64), v[:, :, :1].expand(1, 8, 3, 64), proj, decay)
+    with pytest.raises(NotImplementedError, match="identity map with torch.float32"):
+        chunk_attention(q.float(), k.float(), v.float(), None, decay)
     with pytest.raises(NotImplementedError, match="head_dim 300"):
         x = torch.zeros(1, 8, 2, 300, device=DEVICE)
         chunk_attention(x, x, x, None, decay)
