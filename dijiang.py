@@ -352,11 +352,11 @@ class DiJiangAttention(nn.Module):
         if self.kernel == 'torch' or self.form != 'chunk':
             return False
         cfg = self.config
-        supported = (q.is_cuda and triton_attention is not None and cfg.feature_map != 'identity'
-                     and cfg.head_size <= 128 and cfg.chunk_size in (16, 32, 64, 128))
+        supported = q.is_cuda and triton_attention is not None and triton_attention.supports(
+            cfg.head_size, cfg.chunk_size, q.dtype, 'identity' if cfg.feature_map == 'identity' else 'softmax')
         if self.kernel == 'triton' and not supported:
-            raise ValueError("kernel='triton' needs CUDA, Triton, head_size <= 128, chunk_size in 16/32/64/128 "
-                             "and a softmax feature map: use kernel='auto' or 'torch'")
+            raise ValueError("kernel='triton' needs CUDA, Triton and what fast/triton_attention.supports() takes "
+                             "(head_size, chunk_size, dtype): use kernel='auto' or 'torch'")
         return supported
 
     def attend(self, q, k, v, past):
@@ -366,14 +366,15 @@ class DiJiangAttention(nn.Module):
         if self.decay.dtype not in (torch.float32, torch.float64):
             raise ValueError(f"the DiJiang decay is {self.decay.dtype} (gamma would round to 1): cast models with "
                              "GPT.to_dtype(dtype), which keeps the fixed buffers fp32, not with .to(dtype)")
-        group = self.config.n_head // self.config.n_kv_head
-        k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)  # each query head its own copy
         with torch.autocast(q.device.type, enabled=False):
-            if self.uses_triton(q):  # the fused kernels compute the feature map themselves
+            if self.uses_triton(q):  # the fused kernels read each group's shared k, v in place
+                proj = None if self.config.feature_map == 'identity' else self.feature_proj  # None: phi(x) = x
                 if q.shape[1] == 1 and past is not None:  # a decoding step: the state is updated in place
-                    return triton_attention.recurrent_step(q, k, v, self.feature_proj, self.decay, past), past
-                return triton_attention.chunk_attention(q, k, v, self.feature_proj, self.decay, past,
+                    return triton_attention.recurrent_step(q, k, v, proj, self.decay, past), past
+                return triton_attention.chunk_attention(q, k, v, proj, self.decay, past,
                                                         output_final_state=True, chunk_size=self.config.chunk_size)
+            group = self.config.n_head // self.config.n_kv_head
+            k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)  # each query head a copy
             if self.config.feature_map == 'identity':
                 phi_q, phi_k = q, k
             else:

@@ -22,11 +22,17 @@ def rel_err(x, ref):
 
 def reference_attention(q, k, v, proj, decay, initial_state=None):
     """The formula, written out in float64 with no chunks, no recurrence and no shared helpers:
-    o_n = sum_{m <= n} gamma^(n-m) (phi(q_n) . phi(k_m)) v_m + gamma^(n+1) phi(q_n) S_0, phi(x) = softmax(x @ P),
-    and the state after the last token, sum_m gamma^(T-1-m) phi(k_m)^T v_m + gamma^T S_0.
-    q, k, v (B, T, H, D), proj (D, D), decay (H,), initial_state S_0 (B, H, D, D) or None."""
-    q, k, v, proj, gamma = (x.double() for x in (q, k, v, proj, decay))
-    phi_q, phi_k = torch.softmax(q @ proj, -1), torch.softmax(k @ proj, -1)
+    o_n = sum_{m <= n} gamma^(n-m) (phi(q_n) . phi(k_m)) v_m + gamma^(n+1) phi(q_n) S_0, phi(x) = softmax(x @ P)
+    (phi(x) = x when proj is None), and the state after the last token, sum_m gamma^(T-1-m) phi(k_m)^T v_m + gamma^T S_0.
+    q (B, T, H, D), k, v (B, T, H_kv, D): query head h reads kv head h // (H / H_kv) (grouped-query attention);
+    proj (D, D) or None, decay (H,), initial_state S_0 (B, H, D, D) or None; the state is per query head."""
+    q, k, v, gamma = (x.double() for x in (q, k, v, decay))
+    kv_head = torch.arange(q.shape[2], device=q.device) // (q.shape[2] // k.shape[2])
+    k, v = k[:, :, kv_head], v[:, :, kv_head]
+    if proj is None:
+        phi_q, phi_k = q, k
+    else:
+        phi_q, phi_k = torch.softmax(q @ proj.double(), -1), torch.softmax(k @ proj.double(), -1)
     T = q.shape[1]
     n = torch.arange(T, device=q.device)
     distance = n[:, None] - n[None, :]

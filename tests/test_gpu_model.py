@@ -12,7 +12,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a C
 
 def pair(**overrides):
     """The same random weights as kernel='auto' (Triton on CUDA) and kernel='torch'."""
-    config = dict(vocab_size=500, n_layer=2, n_head=4, n_embd=256, **overrides)
+    config = {**dict(vocab_size=500, n_layer=2, n_head=4, n_embd=256), **overrides}
     torch.manual_seed(0)
     fast = GPT(GPTConfig(**config)).cuda()
     reference = GPT(GPTConfig(**config, kernel='torch')).cuda()
@@ -33,6 +33,38 @@ def test_triton_dispatch_matches_torch_chunk_form(T, feature_map):
     ref_params = dict(reference.named_parameters())
     for name, p in fast.named_parameters():
         assert rel_err(p.grad, ref_params[name].grad) < 1e-2, name
+
+
+# head sizes 80 (pythia-2.8b, padded to 128), 128 (pythia-1.4b), 256 (pythia-1b: the state split over
+# programs, phi in its own kernel), and the identity feature map at 64 and 256
+@pytest.mark.parametrize('n_head,n_embd,feature_map', [(4, 320, 'qmc'), (2, 256, 'qmc'), (2, 512, 'qmc'),
+                                                        (4, 256, 'identity'), (2, 512, 'identity')])
+def test_triton_dispatch_for_every_head_size_and_the_identity_map(n_head, n_embd, feature_map):
+    """The identity map takes the kernels with bf16 inputs (supports()), so those models run under bf16
+    autocast, both paths then reading the same bf16 q, k, v. Their gradients pass 3e-2: unnormalized
+    features make them ~5x more sensitive to the kernels' bf16 operands than softmax features are."""
+    fast, reference = pair(n_head=n_head, n_embd=n_embd, feature_map=feature_map)
+    identity = feature_map == 'identity'
+    dtype = torch.bfloat16 if identity else torch.float32
+    assert fast.layers[0].attn.uses_triton(torch.zeros(1, device='cuda', dtype=dtype))
+    autocast = torch.autocast('cuda', torch.bfloat16, enabled=identity)
+    idx = torch.randint(0, 500, (2, 333), device='cuda')
+    with autocast:
+        logits, loss = fast(idx, idx)
+        ref_logits, ref_loss = reference(idx, idx)
+    loss.backward()
+    ref_loss.backward()
+    assert rel_err(logits, ref_logits) < 1e-2
+    ref_params = dict(reference.named_parameters())
+    for name, p in fast.named_parameters():
+        assert rel_err(p.grad, ref_params[name].grad) < (3e-2 if identity else 1e-2), name
+    # a prompt, then decoding steps through the Triton recurrent step, against the torch recurrent form
+    with torch.no_grad(), autocast:
+        cache, ref_cache = fast.new_cache(), reference.new_cache()
+        outs = [fast(idx[:, :50], cache=cache)[0]] + [fast(idx[:, t:t + 1], cache=cache)[0] for t in range(50, 55)]
+        refs = [reference(idx[:, :50], cache=ref_cache)[0]] + [reference(idx[:, t:t + 1], cache=ref_cache)[0]
+                                                               for t in range(50, 55)]
+    assert rel_err(torch.cat(outs, 1), torch.cat(refs, 1)) < 1e-2
 
 
 def test_compiled_model_matches_eager():
