@@ -1,0 +1,82 @@
+"""The decoders of fast/ against the model's eager steps (GPT.forward with a growing cache), on the CPU:
+the static-cache step of both attentions (what the CUDA graph captures) to 1e-5 in fp32, and its KV
+cache's bound."""
+
+import pytest
+import torch
+
+from conftest import rel_err
+from dijiang import GPT, LLAMA, GPTConfig
+from fast.cuda_graph_decode import CUDAGraphDecoder
+
+DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'
+SHAPES = {  # tiny models: 4 heads of 16 channels, GroupNorm groups of 4 channels inside a head
+    'pythia': {},
+    'llama-gqa': dict(LLAMA, n_kv_head=2, tie_embeddings=True),
+    'groups-across-heads': dict(n_head=3, n_embd=48),  # groups of 3 channels: 16 is no multiple of 3
+    'identity': dict(feature_map='identity', rotary_pct=0.5),
+}
+
+
+def tiny(shape, attention='dijiang', dtype=torch.float32, **overrides):
+    torch.manual_seed(0)
+    config = GPTConfig(**{**dict(vocab_size=97, n_layer=2, n_head=4, n_embd=64, attention=attention),
+                          **SHAPES[shape], **overrides})
+    return GPT(config).to(DEVICE).to_dtype(dtype).eval()
+
+
+def decode_both(model, decoder, batch, prompt_length, steps):
+    """The logits (B, 1 + steps, vocab) of the decoder and of the model's eager steps, and the caches."""
+    prompt = torch.randint(0, model.config.vocab_size, (batch, prompt_length), device=DEVICE)
+    tokens = torch.randint(0, model.config.vocab_size, (batch, steps), device=DEVICE)
+    with torch.no_grad():
+        ours = [decoder.prefill(prompt)[:, -1:]] + [decoder.step(tokens[:, t:t + 1]).clone() for t in range(steps)]
+        cache = model.new_cache()
+        eager = [model(prompt, cache=cache)[0][:, -1:]] + [model(tokens[:, t:t + 1], cache=cache)[0]
+                                                           for t in range(steps)]
+    return torch.cat(ours, 1), torch.cat(eager, 1), cache
+
+
+@pytest.mark.parametrize('attention', ['softmax', 'dijiang'])
+@pytest.mark.parametrize('shape', ['pythia', 'llama-gqa'])
+def test_the_static_step_is_the_eager_step(attention, shape):
+    model = tiny(shape, attention)
+    decoder = CUDAGraphDecoder(model, batch_size=3, max_length=20, graph=False)
+    ours, eager, cache = decode_both(model, decoder, batch=3, prompt_length=11, steps=6)
+    assert ours.shape == eager.shape == (3, 7, 97) and ours.dtype == torch.float32
+    assert rel_err(ours, eager) < 1e-5
+    assert decoder.length == int(decoder.position) == cache.pos == 17
+    if attention == 'softmax':  # the static cache holds the eager one's keys and values, zeros after them
+        k_static, v_static = decoder.run.layers[1]
+        assert rel_err(k_static[:, :, :17], cache.layers[1][0]) < 1e-6 and rel_err(v_static[:, :, :17],
+                                                                                    cache.layers[1][1]) < 1e-6
+        assert not k_static[:, :, 17:].any()
+    else:
+        assert rel_err(decoder.run.layers[1], cache.layers[1]) < 1e-5
+
+
+def test_greedy_tokens_are_the_eager_ones_to_the_last_slot_of_the_cache():
+    model = tiny('llama-gqa', 'softmax')
+    prompt = torch.randint(0, 97, (2, 9), device=DEVICE)
+    decoder = CUDAGraphDecoder(model, batch_size=2, max_length=9 + 12 - 1, graph=False)  # the last token is not fed
+    ours = torch.cat(list(model.generate_tokens(prompt, 12, temperature=0, decoder=decoder)), 1)
+    eager = torch.cat(list(model.generate_tokens(prompt, 12, temperature=0)), 1)
+    assert ours.tolist() == eager.tolist() and decoder.length == 20
+
+
+def test_the_kv_cache_bound_is_one_clear_line():
+    model = tiny('pythia', 'softmax', block_size=32)
+    with pytest.raises(ValueError, match=r"^max_length=33: a softmax model's static KV cache holds from 1 to "
+                                         r"block_size=32 tokens$"):
+        CUDAGraphDecoder(model, batch_size=1, max_length=33, graph=False)
+    decoder = CUDAGraphDecoder(model, batch_size=1, max_length=6, graph=False)
+    assert decoder.max_length == 6 and CUDAGraphDecoder(model, 1, graph=False).max_length == 32  # 0: block_size
+    with pytest.raises(ValueError, match=r"^a prompt of 7 tokens, but this decoder's KV cache holds max_length=6: "):
+        decoder.prefill(torch.zeros(1, 7, dtype=torch.long, device=DEVICE))
+    decoder.prefill(torch.zeros(1, 5, dtype=torch.long, device=DEVICE))
+    decoder.step(torch.zeros(1, 1, dtype=torch.long, device=DEVICE))
+    with pytest.raises(ValueError, match=r"^token 7 of context, but this decoder's KV cache holds max_length=6: "
+                                         r"build the decoder with a larger max_length$"):
+        decoder.step(torch.zeros(1, 1, dtype=torch.long, device=DEVICE))
+    assert decoder.length == 6  # the refused step changed nothing
+
