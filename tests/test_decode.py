@@ -1,6 +1,12 @@
 """The decoders of fast/ against the model's eager steps (GPT.forward with a growing cache), on the CPU:
-the static-cache step of both attentions (what the CUDA graph captures) to 1e-5 in fp32, and its KV
-cache's bound."""
+the static-cache step of both attentions (what the CUDA graph captures) to 1e-5 in fp32, its KV
+cache's bound, and the fused DiJiang step's Triton kernels, which run here under TRITON_INTERPRET=1
+(skipped without Triton; on a GPU they run there): fp32 to 1e-5, bf16 to 2e-2, for a Pythia shape,
+a LLaMA shape with grouped-query attention, GroupNorm groups that cross the heads, and the identity
+feature map, at batch 1 (the CUDA-core products) and 3 (tl.dot)."""
+
+import importlib.util
+import os
 
 import pytest
 import torch
@@ -80,3 +86,45 @@ def test_the_kv_cache_bound_is_one_clear_line():
         decoder.step(torch.zeros(1, 1, dtype=torch.long, device=DEVICE))
     assert decoder.length == 6  # the refused step changed nothing
 
+
+# -----------------------------------------------------------------------------
+# The fused DiJiang step: Triton kernels, under the interpreter on the CPU
+
+needs_triton = pytest.mark.skipif(
+    importlib.util.find_spec('triton') is None or not (torch.cuda.is_available() or
+                                                       os.environ.get('TRITON_INTERPRET') == '1'),
+    reason='the fused step runs Triton kernels: needs Triton and a GPU, or TRITON_INTERPRET=1 on the CPU')
+
+
+@needs_triton
+@pytest.mark.parametrize('batch', [1, 3])
+@pytest.mark.parametrize('shape', list(SHAPES))
+def test_the_fused_step_is_the_eager_step_fp32(shape, batch):
+    model = tiny(shape)
+    decoder = CUDAGraphDecoder(model, batch_size=batch, fused=True, graph=False)
+    assert decoder.run.fuse_group_norm == (shape != 'groups-across-heads')
+    ours, eager, cache = decode_both(model, decoder, batch, prompt_length=5, steps=3)
+    assert ours.shape == eager.shape == (batch, 4, 97)
+    assert rel_err(ours, eager) < 1e-5
+    for state, reference in zip(decoder.run.states, cache.layers):
+        assert rel_err(state, reference) < 1e-5
+
+
+@needs_triton
+@pytest.mark.parametrize('batch', [1, 3])
+@pytest.mark.parametrize('shape', ['pythia', 'llama-gqa'])
+def test_the_fused_step_is_the_eager_step_bf16(shape, batch):
+    model = tiny(shape, dtype=torch.bfloat16)
+    decoder = CUDAGraphDecoder(model, batch_size=batch, fused=True, graph=False)
+    ours, eager, _ = decode_both(model, decoder, batch, prompt_length=5, steps=3)
+    assert rel_err(ours, eager) < 2e-2
+
+
+@needs_triton
+def test_the_fused_step_refuses_what_it_does_not_run():
+    from fast.fused_decode import unsupported
+    assert unsupported(tiny('pythia')) == ''
+    with pytest.raises(ValueError, match=r"^attention='softmax': the fused step is DiJiang's recurrent one: decode "
+                                         r"with fused=False$"):
+        CUDAGraphDecoder(tiny('pythia', 'softmax'), batch_size=1, fused=True, graph=False)
+    assert unsupported(tiny('pythia', n_embd=1024)) == "head_size=256: the fused step takes heads up to 128 wide"
