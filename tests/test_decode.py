@@ -87,6 +87,26 @@ def test_the_kv_cache_bound_is_one_clear_line():
     assert decoder.length == 6  # the refused step changed nothing
 
 
+
+def test_the_plot_draws_each_attention_at_its_fastest_decoder(tmp_path, monkeypatch):
+    """bench_report's decode panel: one line per attention and batch size, through the fastest
+    decoder's tokens/s at each context; failures leave no point."""
+    axes = pytest.importorskip('matplotlib.axes')
+    import bench_report
+    lines = []
+    plot = axes.Axes.plot
+    monkeypatch.setattr(axes.Axes, 'plot', lambda ax, x, y, **kw: (lines.append((kw['label'], x, y)),
+                                                                                plot(ax, x, y, **kw))[1])
+    rows = [dict(attention=a, impl=impl, B=1, context=N, tokens_per_s=speed)
+            for a, impl, N, speed in [('softmax', 'eager', 1024, 40.0), ('softmax', 'cuda_graph', 1024, 900.0),
+                                      ('softmax', 'eager', 8192, 30.0), ('softmax', 'cuda_graph', 8192, 'OOM'),
+                                      ('dijiang', 'eager', 1024, 35.0), ('dijiang', 'cuda_graph', 1024, 950.0),
+                                      ('dijiang', 'fused', 1024, 2600.0), ('dijiang', 'fused', 8192, 2590.0)]]
+    section = dict(meta=dict(hardware='a GPU'), rows=rows, notes=[], error=None)
+    bench_report.draw_plot({'pythia-410m': {'decode': section}}, str(tmp_path / 'decode.png'))
+    assert lines == [('softmax B=1', (1024, 8192), (900.0, 30.0)), ('dijiang B=1', (1024, 8192), (2600.0, 2590.0))]
+    assert (tmp_path / 'decode.png').read_bytes().startswith(b'\x89PNG')
+
 # -----------------------------------------------------------------------------
 # The fused DiJiang step: Triton kernels, under the interpreter on the CPU
 
