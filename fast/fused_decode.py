@@ -47,14 +47,19 @@ NORMS = {'layernorm': 0, 'rmsnorm': 1}
 ACTIVATIONS = {'gelu': 0, 'swiglu': 1}
 
 
-def _configs(interpreted, **choices):
-    """triton.Config for each combination of choices (name: values), num_warps among them."""
+def _configs(names, interpreted, *candidates):
+    """The autotuner's triton.Configs: each candidate gives names' values, then num_warps. Under the
+    interpreter one small configuration, so that tiny models exercise every split and boundary."""
     if INTERPRET:
-        return [triton.Config(interpreted)]
-    combos = [{}]
-    for name, values in choices.items():
-        combos = [{**c, name: v} for c in combos for v in values]
-    return [triton.Config({k: v for k, v in c.items() if k != 'num_warps'}, num_warps=c['num_warps']) for c in combos]
+        return [triton.Config(dict(zip(names, interpreted)))]
+    return [triton.Config(dict(zip(names, values)), num_warps=values[-1]) for values in candidates]
+
+
+def _autotune(configs, key, **options):
+    """triton.autotune with quick timings (each config a few milliseconds), kept on disk across runs."""
+    def quick(kernel_call, quantiles):
+        return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+    return triton.autotune(configs=configs, key=key, do_bench=quick, cache_results=True, **options)
 
 
 @triton.jit
@@ -72,8 +77,8 @@ def _accumulate(acc, x, w, BLOCK_M: tl.constexpr):
 # 1. norm(x) @ W^T + b, and x + res_bias for the layer's output
 
 
-@triton.autotune(configs=_configs(dict(BLOCK_N=32, BLOCK_K=32), BLOCK_N=[16, 32, 64], BLOCK_K=[128, 256, 512],
-                                  num_warps=[4, 8]), key=['M', 'N', 'K'])
+@_autotune(_configs(('BLOCK_N', 'BLOCK_K'), (32, 32), (16, 256, 4), (16, 512, 4), (32, 128, 4), (32, 256, 4),
+                    (32, 256, 8), (64, 128, 4), (64, 128, 8), (64, 256, 8)), key=['M', 'N', 'K'])
 @triton.jit
 def _norm_matmul_kernel(x, token, embed, w, bias, out, x_next, res_bias, M, N, K, eps,
                         NORM: tl.constexpr, FROM_EMBED: tl.constexpr, WRITE_NEXT: tl.constexpr,
@@ -90,29 +95,29 @@ def _norm_matmul_kernel(x, token, embed, w, bias, out, x_next, res_bias, M, N, K
         rows = x + m.to(tl.int64) * K
     cols = tl.arange(0, BLOCK_K)
 
-    total = tl.zeros((BLOCK_M,), tl.float32)  # pass 1: the mean, and the layer output's start
+    # pass 1: the statistics, tile by tile (Chan's combination of means and squared deviations, for
+    # LayerNorm; RMSNorm sums squares), and the layer output's start
+    mean = tl.zeros((BLOCK_M,), tl.float32)
+    squares = tl.zeros((BLOCK_M,), tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + cols
         mask = m_mask[:, None] & (k < K)[None, :]
         xk = tl.load(rows[:, None] + k[None, :], mask=mask, other=0.0).to(tl.float32)
-        total += tl.sum(xk, axis=1)
         if WRITE_NEXT:
             xk_next = xk + tl.load(res_bias + k, mask=k < K, other=0.0)[None, :]
             tl.store(x_next + m.to(tl.int64)[:, None] * K + k[None, :], xk_next, mask=mask & (pid_n == 0))
-    if NORM == 0:
-        mean = total / K
-    else:  # RMSNorm does not centre
-        mean = tl.zeros((BLOCK_M,), tl.float32)
-    squares = tl.zeros((BLOCK_M,), tl.float32)  # pass 2: the (centred) variance, or the mean square
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + cols
-        mask = m_mask[:, None] & (k < K)[None, :]
-        xk = tl.load(rows[:, None] + k[None, :], mask=mask, other=0.0).to(tl.float32)
-        xk = tl.where(mask, xk - mean[:, None], 0.0)
-        squares += tl.sum(xk * xk, axis=1)
+        if NORM == 0:
+            seen, count = k0 * 1.0, tl.minimum(K - k0, BLOCK_K) * 1.0
+            tile_mean = tl.sum(xk, axis=1) / count
+            centred = tl.where(mask, xk - tile_mean[:, None], 0.0)
+            delta = tile_mean - mean
+            mean += delta * (count / (seen + count))
+            squares += tl.sum(centred * centred, axis=1) + delta * delta * (seen * count / (seen + count))
+        else:  # RMSNorm does not centre
+            squares += tl.sum(xk * xk, axis=1)
     rstd = 1.0 / tl.sqrt(squares / K + eps)
 
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # pass 3: the product
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # pass 2: the product
     n_mask = n < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -202,9 +207,9 @@ def _gelu_or_swiglu(hidden_row, j, mask, up_off, gate_off, ACT: tl.constexpr):
     return gate * tl.sigmoid(gate) * up
 
 
-@triton.autotune(configs=_configs(dict(BLOCK_N=32, BLOCK_K=32, SPLIT_K=64), BLOCK_N=[16, 32, 64], BLOCK_K=[128, 256],
-                                  SPLIT_K=[512, 1024, 2048], num_warps=[4]),
-                 key=['M', 'N', 'K_A', 'K_B'], restore_value=['acc_out'])
+@_autotune(_configs(('BLOCK_N', 'BLOCK_K', 'SPLIT_K'), (32, 32, 64), (16, 256, 1024, 4), (16, 256, 2048, 4),
+                    (32, 128, 512, 4), (32, 128, 1024, 4), (32, 256, 1024, 4), (32, 256, 2048, 4), (64, 128, 512, 4),
+                    (64, 128, 1024, 8)), key=['M', 'N', 'K_A', 'K_B'], restore_value=['acc_out'])
 @triton.jit
 def _matmul_add_kernel(a, hidden, w, acc_out, M, N, K_A, K_B, s_hidden, up_off, gate_off,
                        ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,

@@ -88,7 +88,8 @@ def decoding_model(shape, attention='dijiang', **overrides):
                               **DECODE_SHAPES[shape], **overrides})
     else:
         config = GPTConfig.named(shape, attention=attention, **overrides)
-    return GPT(config).cuda().to_dtype(torch.bfloat16).eval()
+    with torch.device('cuda'):  # initialized there: llama3-8b's embedding and head are 1B parameters
+        return GPT(config).cuda().to_dtype(torch.bfloat16).eval()  # .cuda(): P is computed on the CPU
 
 
 def graph_and_eager_logits(model, decoder, batch, prompt_length=77, steps=20):
@@ -105,8 +106,7 @@ def graph_and_eager_logits(model, decoder, batch, prompt_length=77, steps=20):
 
 
 @pytest.mark.parametrize('attention', ['softmax', 'dijiang'])
-@pytest.mark.parametrize('shape,batch,compile', [('pythia', 1, True), ('pythia', 3, True), ('pythia', 3, False),
-                                                 ('llama-gqa', 1, True), ('llama-gqa', 3, True)])
+@pytest.mark.parametrize('shape,batch,compile', [('pythia', 1, True), ('pythia', 3, False), ('llama-gqa', 3, True)])
 def test_graph_decoding_matches_eager(attention, shape, batch, compile):
     model = decoding_model(shape, attention)
     torch._dynamo.reset()  # each case compiled afresh
