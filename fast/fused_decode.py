@@ -42,6 +42,7 @@ import triton.language as tl
 # take fp32 operands, and each kernel has one small configuration, so that tiny models exercise
 # every split and boundary.
 INTERPRET = os.environ.get('TRITON_INTERPRET') == '1'
+FP32_PRODUCTS = tl.constexpr(INTERPRET)  # what the kernels read (a kernel sees only constexpr globals)
 MAX_HEAD_SIZE = 128
 NORMS = {'layernorm': 0, 'rmsnorm': 1}
 ACTIVATIONS = {'gelu': 0, 'swiglu': 1}
@@ -67,7 +68,7 @@ def _accumulate(acc, x, w, BLOCK_M: tl.constexpr):
     """acc (M, N) fp32 += x (M, K) @ w (N, K)^T, x already in w's dtype."""
     if BLOCK_M == 1:  # one row: multiply and sum on the CUDA cores, the weight tile read once
         acc += tl.sum(w.to(tl.float32) * x.to(tl.float32), axis=1)[None, :]
-    elif INTERPRET:
+    elif FP32_PRODUCTS:
         acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc)
     else:
         acc = tl.dot(x, tl.trans(w), acc, input_precision='ieee')  # 'ieee': no TF32 for fp32 weights
