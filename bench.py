@@ -5,7 +5,7 @@ GPU) against DiJiang at the same model size, with random weights.
     python bench.py                                           # every section, pythia-410m shape, on the GPU
     python bench.py --sections=attention --lengths=1024,8192,32768  # the Triton kernel against SDPA
     python bench.py --model=smollm2-135m                      # another model into the same JSON, beside the first
-    python bench.py --sections=decode --compile=True --profile=True  # and where a decoding step's time goes
+    python bench.py config/bench_decode.py --profile=True    # decoding compared, and where a step's time goes
     python bench.py config/bench_cpu.py                       # a smoke run of every section on the CPU, in seconds
     python bench.py --help                                    # every setting, its default, and the recipes
 
@@ -18,9 +18,11 @@ Sections (--sections picks some):
              gamma^-n overflows past ~2.8K tokens -> 'nan'), and fla (chunk_simple_gla, if installed).
   prefill    The whole model reading B x N prompt tokens into a cache, tokens/s.
   decode     One new token per sequence against N tokens of context at each batch size: latency, tokens/s,
-             and the memory decoding holds (softmax: the KV cache; dijiang: the recurrent state), eager
-             and, for dijiang on CUDA, as one CUDA graph per step. The caches are random tensors of the
-             right shapes: a step's cost depends on shapes only.
+             and the memory decoding holds (softmax: the KV cache; dijiang: the recurrent state). Each
+             attention eager (the model's own steps) and, on CUDA, as cuda_graph (a static-cache step as
+             one CUDA graph, compiled with --compile=True: the same level for both); DiJiang also fused
+             (its fused Triton step as one CUDA graph). The caches are random tensors of the right
+             shapes: a step's cost depends on shapes only. config/bench_decode.py is the comparison.
   train      One optimizer step (AdamW, autocast to dtype, fp32 weights) at each block size: tokens/s
              and MFU = model.flops_per_token(block) * tokens/s / peak_flops.
 
@@ -51,7 +53,7 @@ import torch.nn.functional as F  # noqa: E402
 import bench_report  # noqa: E402
 from bench_report import SECTIONS, is_number  # noqa: E402
 from dijiang import ATTENTIONS, CONFIGS, GPT, Cache, DiJiangAttention, GPTConfig, feature_map, pick_device  # noqa: E402
-from fast.cuda_graph_decode import CUDAGraphDecoder  # noqa: E402
+from fast.cuda_graph_decode import CUDAGraphDecoder, why_not_fused  # noqa: E402
 
 try:  # the 'kernel' row: Triton ships with PyTorch's CUDA builds, not with the CPU ones
     from fast.triton_attention import chunk_attention
@@ -327,21 +329,41 @@ def eager_step(net, cache, token):
     return lambda: net(token, cache=Cache(pos=cache.pos, layers=list(cache.layers)))
 
 
-def cuda_graph_step(net, cache, token):
-    """CUDAGraphDecoder's replayed step, with the cache's states loaded."""
-    decoder = CUDAGraphDecoder(net, batch_size=token.shape[0], compile=compile)
-    for state, random_state in zip(decoder.states, cache.layers):
-        state.copy_(random_state)
-    decoder.position.fill_(cache.pos)
-    return lambda: decoder.step(token)
+def graph_step(fused):
+    """CUDAGraphDecoder's replayed step (fused: DiJiang's fused Triton step), loaded with the cache.
+    Each timed call advances the context by one: a softmax decoder's static KV cache holds the
+    context measured plus those calls, and is built for each context; a DiJiang decoder's shapes
+    do not depend on the context, so one per batch size serves them all."""
+    built = {}
+
+    def make_step(net, cache, token):
+        B = token.shape[0]
+        key = (B, cache.pos if net.config.attention == 'softmax' else 0)
+        if key not in built:
+            built.clear()  # one decoder at a time: a KV cache may fill most of the GPU
+            if compile:
+                torch._dynamo.reset()  # each decoder compiled afresh, never past dynamo's recompilation limit
+            built[key] = CUDAGraphDecoder(net, B, compile=compile, fused=fused,
+                                          max_length=cache.pos + warmup + repeats + 1)
+        decoder = built[key]
+        decoder.load(cache)
+        return lambda: decoder.step(token)
+    return make_step
 
 
-def decoders(attention):
-    """How a decoding step of this attention is run, name -> function(net, cache, token) -> step():
-    each is one more row per batch size and context."""
+def decoders(net, section):
+    """How a decoding step of this model is run, name -> function(net, cache, token) -> step(): each
+    is one more row per batch size and context. eager: the model's own steps (GPT.forward with a
+    growing KV cache, or the state); cuda_graph: the static-cache step of either attention as one
+    CUDA graph, compiled with --compile=True; fused: DiJiang's fused Triton step as one CUDA graph."""
     found = {'eager': eager_step}
-    if attention == 'dijiang' and on_gpu():  # a fixed-size state: one captured step serves every token
-        found['cuda_graph'] = cuda_graph_step
+    if on_gpu():
+        found['cuda_graph'] = graph_step(fused=False)
+        why_not = why_not_fused(net)
+        if not why_not:
+            found['fused'] = graph_step(fused=True)
+        elif net.config.attention == 'dijiang':
+            section['notes'].append(f"no fused row: {why_not}")
     return found
 
 
@@ -354,12 +376,14 @@ def decode_ms(net, make_step, B, context):
 
 
 def profile_decode_step(net, B):
-    """Where one CUDA-graph decoding step of B sequences spends its time: each kernel's calls and
-    microseconds per step (torch.profiler over 20 replays; the step's shapes do not depend on the
-    context), and each distinct matrix product timed alone, 50 calls in a CUDA graph. products_ms, their
-    sum over the step, is what the weight reads cost before any other kernel runs."""
+    """Where one CUDA-graph decoding step of B sequences spends its time (the fused step where it
+    runs): each kernel's calls and microseconds per step (torch.profiler over 20 replays; the step's
+    shapes do not depend on the context), and each distinct matrix product of the model timed alone,
+    50 calls in a CUDA graph. products_ms, their sum over the step, is what the weight reads cost as
+    the model's own modules make them."""
     from torch.profiler import ProfilerActivity
-    decoder = CUDAGraphDecoder(net, batch_size=B, compile=compile)
+    fused = not why_not_fused(net)
+    decoder = CUDAGraphDecoder(net, batch_size=B, compile=compile, fused=fused)
     with torch.profiler.profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(20):
             decoder.graph.replay()
@@ -378,26 +402,28 @@ def profile_decode_step(net, B):
                         module(x)
                 products_us[name] = median_ms(graph.replay) * 1000 / 50
     layer_us = sum(us for name, us in products_us.items() if name != 'lm_head')
-    return dict(B=B, kernels_per_step=sum(k[1] for k in kernels), kernel_ms=sum(k[2] for k in kernels) / 1000,
-                products_us=products_us, products_ms=(layer_us * net.config.n_layer + products_us['lm_head']) / 1000,
-                top_kernels=kernels[:15])
+    return dict(B=B, decoder='fused' if fused else 'cuda_graph', kernels_per_step=sum(k[1] for k in kernels),
+                kernel_ms=sum(k[2] for k in kernels) / 1000, products_us=products_us,
+                products_ms=(layer_us * net.config.n_layer + products_us['lm_head']) / 1000, top_kernels=kernels[:15])
 
 
 def bench_decode(section):
-    """Yields the section's rows, one per model, decoder, batch size and context; the profile goes
-    into section['profile'] (saved with the section)."""
+    """Yields the section's rows, one per model, decoder, batch size and context; the profile of
+    DiJiang's step goes into section['profile'] (saved with the section)."""
     if profile and not on_gpu():
         section['notes'].append("profile needs CUDA: not run")
     for attention in names(models):
-        net = build_model(attention, max(ints(lengths)) + 1, section).to_dtype(getattr(torch, dtype)).eval()
-        for impl, make_step in decoders(attention).items():
+        # a softmax model's block_size must hold the longest context and the steps timed after it
+        net = build_model(attention, max(ints(lengths)) + warmup + repeats + 1, section)
+        net = net.to_dtype(getattr(torch, dtype)).eval()
+        for impl, make_step in decoders(net, section).items():
             for B in ints(decode_batches):
                 for N in ints(lengths):
                     ms = attempt(lambda: decode_ms(net, make_step, B, N))
                     yield dict(attention=attention, impl=impl, B=B, context=N, ms_per_token=ms,
                                tokens_per_s=B / ms * 1000 if is_number(ms) else ms,
                                cache_bytes=net.cache_bytes(B, N, net.lm_head.weight.dtype))
-        if profile and 'cuda_graph' in decoders(attention):
+        if profile and on_gpu() and attention == 'dijiang':
             section['profile'] = [attempt(lambda: profile_decode_step(net, B)) for B in ints(decode_batches)]
         del net
 

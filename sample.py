@@ -29,7 +29,7 @@ os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 import torch  # noqa: E402
 
 from dijiang import load  # noqa: E402
-from fast.cuda_graph_decode import CUDAGraphDecoder  # noqa: E402
+from fast.cuda_graph_decode import CUDAGraphDecoder, why_not_fused  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # settings: each can be overridden as --name=value
@@ -43,7 +43,7 @@ top_p = 1.0  # sample only from the smallest set of tokens whose probability rea
 seed = 1337
 device = 'auto'  # 'auto' (cuda when available, else cpu), 'cpu', 'cuda', 'cuda:1', ...
 dtype = 'auto'  # 'auto' (bfloat16 on CUDA, float32 on CPU), 'bfloat16', 'float16' or 'float32'
-compile = False  # torch.compile the model (dijiang on CUDA: the decoding step inside its CUDA graph)
+compile = False  # torch.compile the model (on CUDA: the decoding step inside its CUDA graph, unless fused)
 # -----------------------------------------------------------------------------
 
 
@@ -127,19 +127,22 @@ def main():
                          f"--start or lower --max_new_tokens (a dijiang model has no context limit)")
     idx = torch.tensor([prompt], dtype=torch.long, device=run_device)  # (1, T)
 
-    # On CUDA a DiJiang model decodes through a CUDA graph (compiled with --compile=True): its state has a
-    # fixed size, so one captured step serves every token. Otherwise the model's own eager steps run.
-    cuda_graph = config.attention == 'dijiang' and run_device.type == 'cuda'
-    decoder = CUDAGraphDecoder(model, batch_size=1, compile=compile) if cuda_graph else None
+    # On CUDA each token is one replay of a CUDA graph: DiJiang's fused Triton step where it runs, else the
+    # model's step against a static cache (compiled with --compile=True), a softmax model's holding exactly
+    # `context` tokens. Elsewhere the model's own eager steps run.
+    cuda_graph = run_device.type == 'cuda'
+    fused = cuda_graph and config.attention == 'dijiang' and not why_not_fused(model)
+    decoder = (CUDAGraphDecoder(model, batch_size=1, compile=compile, fused=fused, max_length=context)
+               if cuda_graph else None)
     if compile and not cuda_graph:
         model.compile(dynamic=True)  # a KV cache grows every step: let one compiled graph take any length
     weights = model.lm_head.weight.dtype
     memory = (f"decoding state {model.cache_bytes(1, 1) / 2 ** 20:.3g} MiB, the same at any context length"
               if config.attention == 'dijiang' else f"KV cache {model.cache_bytes(1, 1, weights) / 2 ** 10:.3g} KiB "
               f"per token, {model.cache_bytes(1, config.block_size, weights) / 2 ** 20:.4g} MiB at {config.block_size}")
+    graph = f", each token one {'fused ' if fused else ''}CUDA graph" if cuda_graph else ''
     print(f"{out_dir}: {config.attention} model, {model.num_params() / 1e6:.1f}M parameters, {run_device} "
-          f"{str(weights).removeprefix('torch.')}, {memory}{', each token one CUDA graph' if cuda_graph else ''}",
-          file=sys.stderr)
+          f"{str(weights).removeprefix('torch.')}, {memory}{graph}", file=sys.stderr)
 
     for _ in range(num_samples):
         stream = TextStream(tokenizer)

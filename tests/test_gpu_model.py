@@ -96,3 +96,76 @@ def test_cuda_graph_decoding_matches_eager_recurrent_steps(batch, compile):
         ref_logits += [reference(tokens[:, t:t + 1], cache=cache)[0] for t in range(20)]
     assert int(decoder.position) == 97 and cache.pos == 97
     assert rel_err(torch.cat(fast_logits, 1), torch.cat(ref_logits, 1)) < 2e-2
+
+
+# -----------------------------------------------------------------------------
+# Decoding: CUDAGraphDecoder's static-cache step (both attentions, graph + compile) and DiJiang's fused
+# step against the model's eager steps, bf16, within 2e-2; the fused step's kernels per token.
+
+from dijiang import LLAMA  # noqa: E402
+from fast.cuda_graph_decode import why_not_fused  # noqa: E402
+
+DECODE_SHAPES = {  # 4 heads of 64 channels unless said; GroupNorm's groups are n_head channels wide
+    'pythia': {},
+    'llama-gqa': dict(LLAMA, n_kv_head=2, tie_embeddings=True),
+    'groups-across-heads': dict(n_head=6, n_embd=384),  # 64 channels a head: no multiple of 6
+}
+
+
+def decoding_model(shape, attention='dijiang', **overrides):
+    """Random bf16 weights: a small model of DECODE_SHAPES, or a named config's shape."""
+    torch.manual_seed(0)
+    if shape in DECODE_SHAPES:
+        config = GPTConfig(**{**dict(vocab_size=500, n_layer=2, n_embd=256, n_head=4, attention=attention),
+                              **DECODE_SHAPES[shape], **overrides})
+    else:
+        config = GPTConfig.named(shape, attention=attention, **overrides)
+    with torch.device('cuda'):  # initialized there: llama3-8b's embedding and head are 1B parameters
+        return GPT(config).cuda().to_dtype(torch.bfloat16).eval()  # .cuda(): P is computed on the CPU
+
+
+def graph_and_eager_logits(model, decoder, batch, prompt_length=77, steps=20):
+    vocab = model.config.vocab_size
+    prompt = torch.randint(0, vocab, (batch, prompt_length), device='cuda')
+    tokens = torch.randint(0, vocab, (batch, steps), device='cuda')
+    with torch.no_grad():
+        ours = [decoder.prefill(prompt)[:, -1:]] + [decoder.step(tokens[:, t:t + 1]).clone() for t in range(steps)]
+        cache = model.new_cache()
+        eager = [model(prompt, cache=cache)[0][:, -1:]] + [model(tokens[:, t:t + 1], cache=cache)[0]
+                                                           for t in range(steps)]
+    assert decoder.length == int(decoder.position) == cache.pos == prompt_length + steps
+    return torch.cat(ours, 1), torch.cat(eager, 1)
+
+
+@pytest.mark.parametrize('attention', ['softmax', 'dijiang'])
+@pytest.mark.parametrize('shape,batch,compile', [('pythia', 1, True), ('pythia', 3, False), ('llama-gqa', 3, True)])
+def test_graph_decoding_matches_eager(attention, shape, batch, compile):
+    model = decoding_model(shape, attention)
+    torch._dynamo.reset()  # each case compiled afresh
+    decoder = CUDAGraphDecoder(model, batch_size=batch, compile=compile, max_length=100)
+    ours, eager = graph_and_eager_logits(model, decoder, batch)
+    assert rel_err(ours, eager) < 2e-2
+
+
+@pytest.mark.parametrize('batch', [1, 64])
+@pytest.mark.parametrize('shape,layers', [('pythia', 2), ('llama-gqa', 2), ('groups-across-heads', 2),
+                                          ('pythia-410m', 2), ('smollm2-135m', 2), ('llama3-8b', 1)])
+def test_fused_decoding_matches_eager(shape, layers, batch):
+    model = decoding_model(shape, n_layer=layers)
+    assert why_not_fused(model) == ''
+    decoder = CUDAGraphDecoder(model, batch_size=batch, fused=True)
+    ours, eager = graph_and_eager_logits(model, decoder, batch)
+    assert rel_err(ours, eager) < 2e-2
+
+
+@pytest.mark.parametrize('shape,per_layer', [('pythia-410m', 3), ('llama3-8b', 5)])  # parallel, sequential residual
+def test_the_fused_step_is_a_few_kernels_per_layer(shape, per_layer):
+    from torch.profiler import ProfilerActivity
+    model = decoding_model(shape, n_layer=2)
+    decoder = CUDAGraphDecoder(model, batch_size=1, fused=True)
+    with torch.profiler.profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            decoder.graph.replay()
+        torch.cuda.synchronize()
+    kernels = sum(e.count for e in prof.key_averages() if e.device_time_total > 0) / 10
+    assert kernels == per_layer * 2 + 1  # and the head
