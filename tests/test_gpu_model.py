@@ -15,7 +15,7 @@ def pair(**overrides):
     config = {**dict(vocab_size=500, n_layer=2, n_head=4, n_embd=256), **overrides}
     torch.manual_seed(0)
     fast = GPT(GPTConfig(**config)).cuda()
-    reference = GPT(GPTConfig(**config, kernel='torch')).cuda()
+    reference = GPT(GPTConfig(**config), kernel='torch').cuda()
     reference.load_state_dict(fast.state_dict())
     return fast, reference
 
