@@ -9,29 +9,20 @@ GPU) against DiJiang at the same model size, with random weights.
     python bench.py config/bench_cpu.py                       # a smoke run of every section on the CPU, in seconds
     python bench.py --help                                    # every setting, its default, and the recipes
 
-Sections (--sections picks some):
-  attention  The attention op alone, forward and forward+backward, on q (B, N, H, D) and k, v (B, N, H_kv, D),
-             B * N = tokens_per_batch: sdpa (causal F.scaled_dot_product_attention, as the softmax model
-             calls it), kernel (the fused Triton op alone, CUDA only), dijiang (DiJiangAttention.attend, the
-             model's own dispatch: that kernel on CUDA), dijiang_torch (the same with kernel='torch', CUDA
-             only: on the CPU it is what dijiang runs), released (the released code's quadratic form, whose
-             gamma^-n overflows past ~2.8K tokens -> 'nan'), and fla (chunk_simple_gla, if installed).
+Sections (--sections picks some), each measured at every length, batch size or block size asked for:
+  attention  The attention op alone, forward and forward+backward, B * N = tokens_per_batch: SDPA, the
+             Triton kernel, the model's own dispatch, the released code's form and fla (attention_ops).
   prefill    The whole model reading B x N prompt tokens into a cache, tokens/s.
-  decode     One new token per sequence against N tokens of context at each batch size: latency, tokens/s,
-             and the memory decoding holds (softmax: the KV cache; dijiang: the recurrent state). Each
-             attention eager (the model's own steps) and, on CUDA, as cuda_graph (a static-cache step as
-             one CUDA graph, compiled with --compile=True: the same level for both); DiJiang also fused
-             (its fused Triton step as one CUDA graph). The caches are random tensors of the right
-             shapes: a step's cost depends on shapes only. config/bench_decode.py is the comparison.
-  train      One optimizer step (AdamW, autocast to dtype, fp32 weights) at each block size: tokens/s
-             and MFU = model.flops_per_token(block) * tokens/s / peak_flops.
+  decode     One new token per sequence against N tokens of context: latency, tokens/s, and the memory
+             decoding holds (the KV cache, or DiJiang's state), eager and, on CUDA, as CUDA graphs (decoders).
+  train      One optimizer step (AdamW, autocast to dtype, fp32 weights): tokens/s and
+             MFU = model.flops_per_token(block) * tokens/s / peak_flops.
 
 Each number is the median of repeats after a warmup (CUDA events on the GPU, perf_counter on the
 CPU); running out of memory is recorded as 'OOM', a non-finite output as 'nan', any other failure as
 'error: ...', and the run goes on. Softmax models get block_size raised to the longest context measured.
 Results go to --out, {model: {section: {meta, rows, notes, error}}}, saved after every row; a run keeps
-every section there that it does not measure again, of any model. bench_report.py prints the tables
-and draws --plot.
+every section there that it does not measure again. bench_report.py prints the tables and draws --plot.
 """
 
 import configurator
@@ -84,6 +75,7 @@ out = 'out-bench/bench.json'  # the results, kept across runs; its folder is cre
 plot = 'out-bench/bench.png'  # '' for none; drawn only if matplotlib is installed
 # -----------------------------------------------------------------------------
 rows_measured, sections_left = 0, []  # how far main() got: what the line of a run that stops says
+cuda = False  # main() sets it: whether device is a GPU
 
 
 def names(text):
@@ -101,29 +93,25 @@ def ints(text):
 
 def check_settings():
     """Each setting on its own: the first bad one stops the run with one line that names it."""
-    check = configurator.check
+    check, value = configurator.check, globals().get
     check(model in CONFIGS, 'model', model, f"use one of {', '.join(CONFIGS)}")
-    for setting, text, choices in (('sections', sections, SECTIONS), ('models', models, ATTENTIONS)):
+    for setting, choices in (('sections', SECTIONS), ('models', ATTENTIONS)):
+        text = value(setting)
         check(names(text) and set(names(text)) <= set(choices), setting, text, f"choose from {','.join(choices)}")
-    for setting, text, example in (('lengths', lengths, '1024,8192'), ('decode_batches', decode_batches, '1,64'),
-                                   ('train_blocks', train_blocks, '2048,8192')):
-        check(ints(text), setting, text, f"give comma-separated positive integers, e.g. --{setting}={example}")
-    for setting, value, least in (('tokens_per_batch', tokens_per_batch, 1), ('train_tokens', train_tokens, 1),
-                                  ('repeats', repeats, 1), ('warmup', warmup, 0), ('vocab_size', vocab_size, 0)):
-        check(value >= least, setting, value, f"give {least} or more")
-    check(max_seconds >= 0, 'max_seconds', max_seconds, 'give 0 or more')
+    for setting, example in (('lengths', '1024,8192'), ('decode_batches', '1,64'), ('train_blocks', '2048,8192')):
+        check(ints(value(setting)), setting, value(setting),
+              f"give comma-separated positive integers, e.g. --{setting}={example}")
+    for setting, least in (('tokens_per_batch', 1), ('train_tokens', 1), ('repeats', 1), ('warmup', 0),
+                           ('vocab_size', 0), ('max_seconds', 0)):
+        check(value(setting) >= least, setting, value(setting), f"give {least} or more")
     check(peak_flops > 0, 'peak_flops', peak_flops, "give the device's peak FLOP/s, e.g. --peak_flops=989e12")
     for setting, path in (('out', out), ('plot', plot)):
         check(not os.path.isdir(path) and (path or setting == 'plot'), setting, path,
               f"name a file, e.g. --{setting}=out-bench/bench.{'json' if setting == 'out' else 'png'}")
 
 
-def on_gpu():
-    return device.startswith('cuda')
-
-
 def synchronize():
-    if on_gpu():
+    if cuda:
         torch.cuda.synchronize(device)
 
 
@@ -134,7 +122,7 @@ def median_ms(fn):
     synchronize()
     times, deadline = [], time.perf_counter() + max_seconds
     for i in range(repeats):
-        if on_gpu():
+        if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn()
@@ -165,8 +153,13 @@ def attempt(measure):
     return result
 
 
+def per_second(count, ms):
+    """count per second at ms milliseconds each, or the failure that ms records."""
+    return count / ms * 1000 if is_number(ms) else ms
+
+
 def reset_peak_memory():
-    if on_gpu():
+    if cuda:
         torch.cuda.reset_peak_memory_stats(device)
 
 
@@ -214,7 +207,11 @@ def fla_attention(q, k, v, proj, decay):
 
 
 def attention_ops(config):
-    """The rows of the attention section: name -> op(q, k, v)."""
+    """The rows of the attention section, name -> op(q, k, v): sdpa (causal SDPA, as the softmax model
+    calls it), kernel (the fused Triton op alone, CUDA only), dijiang (DiJiangAttention.attend, the
+    model's own dispatch: that kernel on CUDA), dijiang_torch (the same with kernel='torch', CUDA
+    only), released (the released code's quadratic form, whose gamma^-n overflows past ~2.8K tokens
+    -> 'nan'), and fla (chunk_simple_gla, if installed)."""
     dijiang = DiJiangAttention(config, layer_idx=0).to(device)
     proj, decay, group = dijiang.feature_proj, dijiang.decay, config.n_head // config.n_kv_head
 
@@ -222,10 +219,10 @@ def attention_ops(config):
         return (k, v) if group == 1 else (k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2))
 
     ops = {'sdpa': sdpa_attention}
-    if on_gpu() and chunk_attention is not None:  # the kernel without the model's dispatch and final state
+    if cuda and chunk_attention is not None:  # the kernel without the model's dispatch and final state
         ops['kernel'] = lambda q, k, v: chunk_attention(q, *every_head(k, v), proj, decay)[0]
     ops['dijiang'] = lambda q, k, v: dijiang.attend(q, k, v, None)[0]
-    if on_gpu():
+    if cuda:
         torch_form = DiJiangAttention(config, layer_idx=0).to(device)
         torch_form.kernel = 'torch'  # what GPT.set_form(kernel='torch') sets in every layer
         ops['dijiang_torch'] = lambda q, k, v: torch_form.attend(q, k, v, None)[0]
@@ -256,7 +253,7 @@ def bench_attention(section):
     section['notes'].append(f"{dtype}, H={config.n_head}, H_kv={config.n_kv_head}, D={config.head_size}, "
                             f"B*N={tokens_per_batch}; fwd under no_grad, fwd_bwd = forward + autograd.grad of q, k, v")
     ops = attention_ops(config)
-    if on_gpu() and 'kernel' not in ops:
+    if cuda and 'kernel' not in ops:
         section['notes'].append("kernel needs Triton, which is not installed: not run")
     for name, op in ops.items():
         for N in ints(lengths):
@@ -265,14 +262,11 @@ def bench_attention(section):
             for key, backward in (('fwd_ms', False), ('fwd_bwd_ms', True)):
                 reset_peak_memory()
                 result = attempt(lambda: time_attention(op, B, N, config, backward))
-                if isinstance(result, str):  # OOM or error
-                    row[key] = result
-                    continue
-                ms, finite = result
+                ms, finite = (result, True) if isinstance(result, str) else result  # a failure: 'OOM' or 'error: ...'
                 row[key] = ms if finite else 'nan'
                 if not finite:  # the time it took to compute garbage, shown beside the 'nan'
                     row[f'{key}_of_nan'] = ms
-                if on_gpu():
+                if cuda and is_number(ms):
                     row[key.replace('_ms', '_peak_gib')] = peak_gib()
             yield row
 
@@ -305,7 +299,7 @@ def bench_prefill(section):
         for N in ints(lengths):
             B = max(1, tokens_per_batch // N)
             ms = attempt(lambda: prefill_ms(B, N))
-            yield dict(attention=attention, N=N, B=B, ms=ms, tokens_per_s=B * N / ms * 1000 if is_number(ms) else ms)
+            yield dict(attention=attention, N=N, B=B, ms=ms, tokens_per_s=per_second(B * N, ms))
         del net
 
 
@@ -323,41 +317,33 @@ def random_cache(net, B, context):
     return Cache(pos=context, layers=layers)
 
 
-def eager_step(net, cache, token):
-    """The model's own step, on a copy of the cache's layer list each call: the KV cache is
-    concatenated, not grown in place, so every call sees the same context."""
-    return lambda: net(token, cache=Cache(pos=cache.pos, layers=list(cache.layers)))
-
-
-def graph_step(fused):
-    """CUDAGraphDecoder's replayed step (fused: DiJiang's fused Triton step), loaded with the cache.
-    Each timed call advances the context by one: a softmax decoder's static KV cache holds the
-    context measured plus those calls, and is built for each context; a DiJiang decoder's shapes
-    do not depend on the context, so one per batch size serves them all."""
-    built = {}
-
-    def make_step(net, cache, token):
-        B = token.shape[0]
-        key = (B, cache.pos if net.config.attention == 'softmax' else 0)
-        if key not in built:
-            built.clear()  # one decoder at a time: a KV cache may fill most of the GPU
-            if compile:
-                torch._dynamo.reset()  # each decoder compiled afresh, never past dynamo's recompilation limit
-            built[key] = CUDAGraphDecoder(net, B, compile=compile, fused=fused,
-                                          max_length=cache.pos + warmup + repeats + 1)
-        decoder = built[key]
-        decoder.load(cache)
-        return lambda: decoder.step(token)
-    return make_step
-
-
 def decoders(net, section):
-    """How a decoding step of this model is run, name -> function(net, cache, token) -> step(): each
-    is one more row per batch size and context. eager: the model's own steps (GPT.forward with a
-    growing KV cache, or the state); cuda_graph: the static-cache step of either attention as one
-    CUDA graph, compiled with --compile=True; fused: DiJiang's fused Triton step as one CUDA graph."""
-    found = {'eager': eager_step}
-    if on_gpu():
+    """How a decoding step of this model is run, name -> make_step(cache, token) -> step(): each is one
+    more row per batch size and context. eager: the model's own step, on a copy of the cache's layer
+    list each call (the KV cache is concatenated, not grown in place, so every call sees the same
+    context); cuda_graph: CUDAGraphDecoder's static-cache step of either attention as one CUDA graph,
+    compiled with --compile=True; fused: DiJiang's fused Triton step as one CUDA graph."""
+    def graph_step(fused):
+        # Each timed call advances the context by one: a softmax decoder's static KV cache holds the
+        # context measured plus those calls, and is built for each context; a DiJiang decoder's shapes
+        # do not depend on the context, so one per batch size serves them all.
+        built = {}
+
+        def make_step(cache, token):
+            key = (token.shape[0], cache.pos if net.config.attention == 'softmax' else 0)
+            if key not in built:
+                built.clear()  # one decoder at a time: a KV cache may fill most of the GPU
+                if compile:
+                    torch._dynamo.reset()  # each decoder compiled afresh, never past dynamo's recompilation limit
+                built[key] = CUDAGraphDecoder(net, token.shape[0], compile=compile, fused=fused,
+                                              max_length=cache.pos + warmup + repeats + 1)
+            decoder = built[key]
+            decoder.load(cache)
+            return lambda: decoder.step(token)
+        return make_step
+
+    found = {'eager': lambda cache, token: lambda: net(token, cache=Cache(pos=cache.pos, layers=list(cache.layers)))}
+    if cuda:
         found['cuda_graph'] = graph_step(fused=False)
         why_not = why_not_fused(net)
         if not why_not:
@@ -365,14 +351,6 @@ def decoders(net, section):
         elif net.config.attention == 'dijiang':
             section['notes'].append(f"no fused row: {why_not}")
     return found
-
-
-def decode_ms(net, make_step, B, context):
-    """Milliseconds for one decoding step of B sequences at `context` tokens."""
-    cache = random_cache(net, B, context)
-    token = torch.randint(net.config.vocab_size, (B, 1), device=device)
-    with torch.no_grad():
-        return median_ms(make_step(net, cache, token))
 
 
 def profile_decode_step(net, B):
@@ -410,26 +388,31 @@ def profile_decode_step(net, B):
 def bench_decode(section):
     """Yields the section's rows, one per model, decoder, batch size and context; the profile of
     DiJiang's step goes into section['profile'] (saved with the section)."""
-    if profile and not on_gpu():
+    if profile and not cuda:
         section['notes'].append("profile needs CUDA: not run")
     for attention in names(models):
         # a softmax model's block_size must hold the longest context and the steps timed after it
         net = build_model(attention, max(ints(lengths)) + warmup + repeats + 1, section)
         net = net.to_dtype(getattr(torch, dtype)).eval()
+
+        def step_ms(make_step, B, context):  # one decoding step of B sequences at `context` tokens
+            token = torch.randint(net.config.vocab_size, (B, 1), device=device)
+            with torch.no_grad():
+                return median_ms(make_step(random_cache(net, B, context), token))
+
         for impl, make_step in decoders(net, section).items():
             for B in ints(decode_batches):
                 for N in ints(lengths):
-                    ms = attempt(lambda: decode_ms(net, make_step, B, N))
+                    ms = attempt(lambda: step_ms(make_step, B, N))
                     yield dict(attention=attention, impl=impl, B=B, context=N, ms_per_token=ms,
-                               tokens_per_s=B / ms * 1000 if is_number(ms) else ms,
+                               tokens_per_s=per_second(B, ms),
                                cache_bytes=net.cache_bytes(B, N, net.lm_head.weight.dtype))
-        if profile and on_gpu() and attention == 'dijiang':
+        if profile and cuda and attention == 'dijiang':
             section['profile'] = [attempt(lambda: profile_decode_step(net, B)) for B in ints(decode_batches)]
         del net
 
 
-def train_step_ms(net, optimizer, block):
-    B = max(1, train_tokens // block)
+def train_step_ms(net, optimizer, B, block):
     x, y = (torch.randint(net.config.vocab_size, (B, block), device=device) for _ in range(2))
     autocast = (torch.autocast(torch.device(device).type, dtype=getattr(torch, dtype))
                 if dtype != 'float32' else nullcontext())
@@ -443,24 +426,22 @@ def train_step_ms(net, optimizer, block):
         optimizer.zero_grad(set_to_none=True)
         return loss
 
-    if not torch.isfinite(step()):
-        return 'nan'
-    return median_ms(step)
+    return median_ms(step) if torch.isfinite(step()) else 'nan'
 
 
 def bench_train(section):
     """Yields the section's rows, one per model and block size."""
     for attention in names(models):
         net = build_model(attention, max(ints(train_blocks)), section).train()
-        optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=on_gpu())
+        optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=cuda)
         for block in ints(train_blocks):
-            reset_peak_memory()
-            ms = attempt(lambda: train_step_ms(net, optimizer, block))
             B = max(1, train_tokens // block)
-            tokens_per_s = B * block / ms * 1000 if is_number(ms) else ms
+            reset_peak_memory()
+            ms = attempt(lambda: train_step_ms(net, optimizer, B, block))
+            tokens_per_s = per_second(B * block, ms)
             row = dict(attention=attention, block=block, B=B, ms_per_step=ms, tokens_per_s=tokens_per_s,
                        mfu=net.flops_per_token(block) * tokens_per_s / peak_flops if is_number(ms) else ms)
-            if on_gpu() and is_number(ms):
+            if cuda and is_number(ms):
                 row['peak_gib'] = peak_gib()
             yield row
         del net, optimizer
@@ -482,7 +463,7 @@ def measured_rows(name, section):
 
 
 def machine():
-    return dict(hardware=torch.cuda.get_device_name(device) if on_gpu() else 'cpu', torch=torch.__version__,
+    return dict(hardware=torch.cuda.get_device_name(device) if cuda else 'cpu', torch=torch.__version__,
                 triton=getattr(sys.modules.get('triton'), '__version__', None),  # imported with fast/, if installed
                 command=' '.join(sys.argv), date=time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime()))
 
@@ -496,9 +477,10 @@ def kept():
 
 
 def main():
-    global device, dtype, rows_measured, sections_left
+    global device, dtype, cuda, rows_measured, sections_left
     check_settings()
     device, torch_dtype = pick_device(device, dtype)
+    cuda = device.startswith('cuda')
     dtype = str(torch_dtype).removeprefix('torch.')  # 'auto' resolved: the JSON records what ran
     results = bench_report.read_results(out)  # an earlier run's, kept but for the sections measured again
     earlier = [f"{m} {name}" for m in results for name in results[m]]

@@ -1,15 +1,12 @@
 """
-How every script starts and stops. A script lists its settings as plain assignments of literal values
-between a '# settings' comment and a '# ----' line (that block, verbatim, is its --help), defines
-main(), and ends with `configurator.run(main)`.
-
-run() sets the settings from the command line, in order: recipe files (config/<script>_<name>.py, the
-same assignments, as nanoGPT's config/) and --name=value overrides, each a Python literal of the
-default's type (a string setting takes the text as written). Then it calls main() inside the project's
-one error boundary: code raises ValueError or OSError with a sentence naming the file or setting and
-the fix, and the user sees it as one line on stderr, 'error: ...', with no traceback. Ctrl-C (exit 130)
-and SIGTERM (exit 143: what torchrun, Slurm and docker send) unwind the run like an exception, so
-`finally` blocks and atomic writes clean up, then one line says what was kept. Only rank 0 speaks.
+How every script starts and stops. A script's settings are assignments of literal values between a
+'# settings' comment and a '# ----' line (that block, verbatim, is its --help); then main(); then
+`configurator.run(main)`, which applies recipe files (config/<script>_<name>.py, the same assignments,
+as nanoGPT's config/) and --name=value overrides, in order, and calls main() inside the one error
+boundary: a ValueError or OSError, whose sentence names the file or setting and the fix, is one line
+on stderr, 'error: ...', with no traceback. Ctrl-C (exit 130) and SIGTERM (143: what torchrun, Slurm
+and docker send) unwind the run like an exception, so `finally` blocks and atomic writes clean up,
+then one line says what was kept. Only rank 0 speaks.
 """
 
 import ast
@@ -46,18 +43,15 @@ def stop_on_signals():
 
 
 def parse_literal(name, text, default):
-    """The value that --name=text gives a setting whose default is default."""
+    """The value that --name=text gives a setting whose default is default: a string setting takes the
+    text as written, a float one any number (also inf and nan), the others a Python literal of its type."""
+    kind = type(default)
     try:
-        value = text if isinstance(default, str) else ast.literal_eval(text)
+        value = text if kind is str else float(text) if kind is float else ast.literal_eval(text)
     except (ValueError, SyntaxError):
-        value = text
-    if isinstance(default, float) and isinstance(value, (int, str)) and not isinstance(value, bool):
-        try:
-            value = float(value)  # also 'inf' and 'nan'
-        except ValueError:
-            pass
-    if type(value) is not type(default):
-        raise ValueError(f"--{name}={text}: expected a value like {default!r} ({type(default).__name__})")
+        value = text  # a value of no type but a string's
+    if type(value) is not kind:
+        raise ValueError(f"--{name}={text}: expected a value like {default!r} ({kind.__name__})")
     return value
 
 
@@ -86,13 +80,13 @@ def parse_settings(argv, defaults):
     """The settings that argv changes, {name: value}, from recipe files and --name=value, in order."""
     changed = {}
     for arg in argv:
+        name, eq, text = arg.removeprefix('--').partition('=')
         if arg.endswith('.py') and not arg.startswith('--'):
             changed.update(read_recipe(arg, defaults))
-            continue
-        name, eq, text = arg.removeprefix('--').partition('=')
-        if not arg.startswith('--') or not eq or name not in defaults:
+        elif arg.startswith('--') and eq and name in defaults:
+            changed[name] = parse_literal(name, text, defaults[name])
+        else:
             raise ValueError(f"unknown argument {arg!r}: use --name=value with a name from --help, or a recipe file")
-        changed[name] = parse_literal(name, text, defaults[name])
     return changed
 
 
@@ -106,14 +100,13 @@ def settings_block(path):
 def usage(path):
     """--help: the settings block, verbatim, and the recipes in config/ for this script."""
     script = os.path.splitext(os.path.basename(path))[0]
+    recipes = sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config', f'{script}_*.py')))
     lines = [f"usage: python {os.path.relpath(path)} [config/{script}_NAME.py ...] [--name=value ...]", '',
              f"# settings{settings_block(path)[0]}"]
-    recipes = sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config', f'{script}_*.py')))
-    if recipes:
-        lines += ['', 'recipes (each sets some of the settings above; later arguments override earlier ones):']
-        for recipe in recipes:
-            with open(recipe, encoding='utf-8') as f:
-                lines.append(f"  {os.path.relpath(recipe)}: {(ast.get_docstring(ast.parse(f.read())) or '').partition(chr(10))[0]}")
+    lines += ['', 'recipes (each sets some of the settings above; later arguments override earlier ones):'] if recipes else []
+    for recipe in recipes:
+        with open(recipe, encoding='utf-8') as f:
+            lines.append(f"  {os.path.relpath(recipe)}: {(ast.get_docstring(ast.parse(f.read())) or '').partition(chr(10))[0]}")
     return '\n'.join(lines)
 
 
@@ -135,8 +128,7 @@ def run(main, kept=lambda: 'the files written before this run are as they were')
     global state
     script = main.__globals__
     if {'-h', '--help'} & set(sys.argv[1:]):
-        print(usage(script['__file__']))
-        return
+        return print(usage(script['__file__']))
     stop_on_signals()
     state = 'running'
     try:

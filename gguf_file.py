@@ -1,17 +1,21 @@
 """
 A LLaMA-family GGUF file (llama.cpp's format) read as the Hugging Face checkpoint it was made from:
-config.json's values from its llama.* metadata, its tensors dequantized to float32 under Hugging
-Face's names, and its tokenizer.ggml.* metadata. convert.py then takes it as a LlamaForCausalLM folder.
+config.json's values from its llama.* metadata (CONFIG_KEYS; a bad one is named by its config.json
+key), its tensors dequantized to float32 under Hugging Face's names, and its tokenizer from the
+tokenizer.ggml.* metadata: what hf_checkpoint.HFFolder gives of a LlamaForCausalLM folder.
 
 llama.cpp stores the rows of attn_q and attn_k permuted for its rotary embedding, which rotates
 neighbouring channels (2j, 2j + 1) of a head together, where Hugging Face's (and ours) rotates channel
 j with channel j + D/2: unpermute() puts them back.
 """
 
+import json
 import os
 import re
 
 import torch
+
+from tokenizer import Tokenizer, tokenizer_json_from_gguf
 
 CONFIG_KEYS = {  # config.json's key: the GGUF metadata key that holds it
     'vocab_size': 'llama.vocab_size', 'hidden_size': 'llama.embedding_length', 'num_hidden_layers': 'llama.block_count',
@@ -62,22 +66,25 @@ class GGUFFile:
         if self.meta.get('general.architecture') != 'llama':
             raise ValueError(f"{path}: general.architecture={self.meta.get('general.architecture')!r}: only LLaMA-family "
                              "GGUF files ('llama': LLaMA, Mistral, SmolLM2...) are converted")
-
-    def config(self):
-        """config.json's values, and {config.json key: GGUF key} to name them in messages."""
-        names = {}
-        hf = {'model_type': 'llama', 'tie_word_embeddings': 'output.weight' not in {t.name for t in self.reader.tensors}}
-        hf.update({key: self.meta[name] for key, name in CONFIG_KEYS.items() if name in self.meta})
-        if 'vocab_size' not in hf and 'tokenizer.ggml.tokens' in self.meta:  # as llama.cpp: one row per token
-            hf['vocab_size'], names['vocab_size'] = len(self.meta['tokenizer.ggml.tokens']), 'tokenizer.ggml.tokens'
+        self.config_path = path  # what holds config.json's values
+        tied = 'output.weight' not in {t.name for t in self.reader.tensors}
+        self.hf = {'model_type': 'llama', 'tie_word_embeddings': tied,
+                   **{key: self.meta[name] for key, name in CONFIG_KEYS.items() if name in self.meta}}
+        if 'vocab_size' not in self.hf and 'tokenizer.ggml.tokens' in self.meta:  # as llama.cpp: one row per token
+            self.hf['vocab_size'] = len(self.meta['tokenizer.ggml.tokens'])
         if self.meta.get('llama.rope.scaling.type', 'none') != 'none':
-            hf['rope_scaling'] = dict(rope_type=self.meta['llama.rope.scaling.type'],
-                                      factor=self.meta.get('llama.rope.scaling.factor'))
-            names['rope_scaling'] = 'llama.rope.scaling.type'
-        return hf, {**CONFIG_KEYS, **names}
+            self.hf['rope_scaling'] = dict(rope_type=self.meta['llama.rope.scaling.type'],
+                                           factor=self.meta.get('llama.rope.scaling.factor'))
 
-    def tensors(self, n_head, n_kv_head):
-        """Yield (Hugging Face name, float32 tensor, file name) for every tensor, q and k unpermuted."""
+    def tokenizer(self):
+        """(Tokenizer, tokenizer.json's text) from the tokenizer.ggml.* metadata, or (None, None)."""
+        if 'tokenizer.ggml.tokens' not in self.meta:
+            return None, None
+        text = json.dumps(tokenizer_json_from_gguf(self.meta, self.path), ensure_ascii=False)
+        return Tokenizer.from_json(json.loads(text), self.path), text
+
+    def tensors(self, config):
+        """Yield (Hugging Face name, float32 tensor, file) for every tensor, q and k unpermuted."""
         for t in self.reader.tensors:
             match = re.match(r'blk\.(\d+)\.(.*)$', t.name)
             key = f'blk.{{i}}.{match[2]}' if match else t.name
@@ -87,7 +94,7 @@ class GGUFFile:
             except (NotImplementedError, ValueError) as e:
                 raise ValueError(f"{self.path}: tensor {t.name} is {t.tensor_type.name}, which the gguf package cannot "
                                  f"dequantize ({e}): try a newer gguf (pip install -U gguf)") from None
-            heads = n_head if key == 'blk.{i}.attn_q.weight' else n_kv_head if key == 'blk.{i}.attn_k.weight' else 0
+            heads = {'blk.{i}.attn_q.weight': config.n_head, 'blk.{i}.attn_k.weight': config.n_kv_head}.get(key, 0)
             if heads and tensor.dim() == 2 and tensor.shape[0] % (2 * heads) == 0:  # else the shape check names it
                 tensor = unpermute(tensor, heads)
-            yield name, tensor, os.path.basename(self.path)
+            yield name, tensor, self.path

@@ -137,23 +137,19 @@ def read_batches(files):
         lines, raw = open_lines(path)
         with raw:
             batch, batch_bytes, first_line = [], 0, 1
-            numbered = enumerate(lines, start=1)
-            while True:
-                try:
-                    line_number, line = next(numbered)
-                except StopIteration:
-                    break
-                except Exception as e:  # OSError, or zstandard's ZstdError on a damaged .zst
-                    raise ValueError(f"{path}: cannot be read past line {first_line + len(batch)} ({e}): "
-                                     "the file is damaged; fetch it again") from None
-                if line.strip():
-                    if not batch:
-                        first_line = line_number
-                    batch.append(line)
-                    batch_bytes += len(line)
-                if batch_bytes >= BATCH_BYTES:
-                    yield path, first_line, doc_index, batch, bytes_done + raw.tell()
-                    doc_index, batch, batch_bytes = doc_index + len(batch), [], 0
+            try:  # the consumer's exceptions never reach a generator: this catches the file's alone
+                for line_number, line in enumerate(lines, start=1):
+                    if line.strip():
+                        if not batch:
+                            first_line = line_number
+                        batch.append(line)
+                        batch_bytes += len(line)
+                    if batch_bytes >= BATCH_BYTES:
+                        yield path, first_line, doc_index, batch, bytes_done + raw.tell()
+                        doc_index, batch, batch_bytes = doc_index + len(batch), [], 0
+            except Exception as e:  # OSError, or zstandard's ZstdError on a damaged .zst
+                raise ValueError(f"{path}: cannot be read past line {first_line + len(batch)} ({e}): "
+                                 "the file is damaged; fetch it again") from None
             if batch:
                 yield path, first_line, doc_index, batch, bytes_done + raw.tell()
                 doc_index += len(batch)

@@ -1,5 +1,6 @@
 """configurator.py: settings from recipe files and --name=value, --help, and the one error boundary every
 script runs in (one 'error:' line and the exit status; no traceback)."""
+import math
 import os
 import signal
 import subprocess
@@ -17,6 +18,10 @@ def test_values_take_the_type_of_their_default():
     assert configurator.parse_settings(['--lr=3e-4', '--steps=5', '--name=42', '--flag=True', '--betas=(0.8,0.9)'],
                                        DEFAULTS) == dict(lr=3e-4, steps=5, name='42', flag=True, betas=(0.8, 0.9))
     assert configurator.parse_settings(['--lr=1'], DEFAULTS) == dict(lr=1.0)  # an int where a float goes
+    assert configurator.parse_settings(['--lr=inf'], DEFAULTS) == dict(lr=math.inf)  # any number a float takes
+    assert math.isnan(configurator.parse_settings(['--lr=nan'], DEFAULTS)['lr'])
+    with pytest.raises(ValueError, match=r"--lr=True: expected a value like 0.001 \(float\)"):
+        configurator.parse_settings(['--lr=True'], DEFAULTS)  # a bool is no number here
     assert configurator.parse_settings(["--name='q'"], DEFAULTS) == dict(name="'q'")  # a string is the text as written
     with pytest.raises(ValueError, match=r"--steps=many: expected a value like 10 \(int\)"):
         configurator.parse_settings(['--steps=many'], DEFAULTS)
