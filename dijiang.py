@@ -426,6 +426,13 @@ class Cache:
     pos: int
     layers: list
 
+    def select(self, rows):
+        """A copy holding the batch rows `rows` (B',) of this cache, repeats allowed: one context read
+        once, then continued by several sequences, each from its own copy."""
+        def pick(state):
+            return tuple(t[rows] for t in state) if isinstance(state, tuple) else state[rows]
+        return Cache(self.pos, [pick(state) for state in self.layers])
+
 
 # what a DiJiang layer has beyond a softmax one: initialized, not imported, when linearizing
 DIJIANG_ONLY_KEYS = ('attn.gate.weight', 'attn.group_norm.weight', 'attn.group_norm.bias', 'attn.feature_proj', 'attn.decay')
