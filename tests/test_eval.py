@@ -300,3 +300,28 @@ def test_bad_input_is_one_error_line(tmp_path, capsys, quiz, monkeypatch):
     line = assert_one_error_line(*run(f'--out_dir={model_dir}', f'--tasks={path}'))
     assert line == 'error: eval.py needs lm-evaluation-harness: pip install lm-eval==0.4.13'
 
+
+def test_eval_speed_smoke_run(tmp_path, capsys):
+    status, out, err = run_script(capsys, 'experiments/eval_speed.py', '--device=cpu', '--model=tiny', '--items=6',
+                                  '--choices=3', '--context_words=8', '--choice_words=2', '--batch_size=4',
+                                  '--repeats=1', f'--out_dir={tmp_path}')
+    assert status == 0, err
+    record = json.loads((tmp_path / 'eval_speed.json').read_text())
+    tokenizer = Tokenizer.from_file(PYTHIA_TOKENIZER)
+    docs = [json.loads(line) for line in (tmp_path / 'speed_task.jsonl').read_text().splitlines()]
+    assert len(docs) == 6 and all(len(doc['choices']) == 3 for doc in docs)
+    # the requests it timed are those lm-eval builds from the task it wrote
+    _, (task,) = load_tasks([str(tmp_path / 'speed_task.yaml')])
+    task.build_all_requests(limit=None, rank=0, world_size=1)
+    assert [r.args for r in task.instances] == [(doc['question'], ' ' + c) for doc in docs for c in doc['choices']]
+    assert record['requests'] == 18
+    assert record['request_tokens'] == sum(len(tokenizer.encode(context + continuation))
+                                           for context, continuation in (r.args for r in task.instances))
+    rows = {(row['attention'], row['share_context']): row for row in record['rows']}
+    assert set(rows) == {(a, s) for a in ('softmax', 'dijiang') for s in (False, True)}
+    for attention in ('softmax', 'dijiang'):
+        plain, shared = rows[attention, False], rows[attention, True]
+        assert plain['model_tokens'] >= record['request_tokens'] - record['requests']  # each whole, less its last token
+        assert shared['model_tokens'] < plain['model_tokens']  # each context once
+        assert shared['max_difference'] < 1e-4 and plain['max_difference'] == 0
+    assert out.splitlines()[-1] == f"wrote {tmp_path / 'eval_speed.json'}"
