@@ -1,7 +1,7 @@
 """
 Zero-shot accuracy of a model on lm-evaluation-harness tasks: the metric of the paper's Table 1.
 
-    python eval.py --out_dir=out-pythia-410m --tasks=piqa,winogrande,wsc273,arc_easy,arc_challenge,logiqa
+    python eval.py --out_dir=out-pythia-410m --tasks=piqa,winogrande,wsc,arc_easy,arc_challenge,logiqa
     python eval.py --out_dir=out-dijiang-410m --tasks=my_tasks/quiz.yaml,piqa --limit=100
     python eval.py --help                                   # every setting and its default
 
@@ -12,8 +12,9 @@ lines, and relative data_files are read from the working directory, as lm-eval r
 task downloads its data once into the Hugging Face cache; offline (HF_DATASETS_OFFLINE=1) a task whose
 data is not there is one line naming it.
 
-stdout gets lm-eval's table. The results, with the model directory, the commit of this code, lm-eval's
-version and each task's version, go to out_dir/eval-<tasks>.json (a run with --limit to
+stdout gets lm-eval's table and the mean accuracy (acc) over the tasks that have one, the paper's
+Table 1 metric. The results, with the model directory, the commit of this code, lm-eval's version and
+each task's version, go to out_dir/eval-<tasks>.json (a run with --limit to
 eval-<tasks>-limitN.json, so that a quick look never replaces a whole result).
 
 Needs lm-eval: pip install lm-eval==0.4.13
@@ -81,11 +82,16 @@ def main():
     print(make_table(results))
     if results.get('groups'):
         print(make_table(results, 'groups'))
+    accuracies = [r['acc,none'] for name, r in results['results'].items()
+                  if 'acc,none' in r and name not in results.get('groups', {})]
+    mean_acc = sum(accuracies) / len(accuracies) if accuracies else None
+    if accuracies:
+        print(f"mean acc over {len(accuracies)} task(s): {mean_acc:.4f}")
     weights = model.lm_head.weight
     record = dict(model_dir=os.path.abspath(out_dir), commit=git_commit(), lm_eval_version=lm_eval.__version__,
                   tasks=specs, limit=limit, batch_size=batch_size, share_context=share_context, overlap=overlap,
                   device=str(weights.device), dtype=str(weights.dtype).removeprefix('torch.'),
-                  seconds=round(seconds, 1),
+                  seconds=round(seconds, 1), mean_acc=mean_acc,
                   versions=results['versions'], results=results['results'], groups=results.get('groups', {}),
                   n_shot=results['n-shot'], n_samples=results['n-samples'])
     replaces = os.path.exists(path)

@@ -109,9 +109,10 @@ def test_accuracy_through_eval_py_is_the_argmax_of_direct_loglikelihoods(tmp_pat
                                   '--batch_size=5', f'--limit={limit}')
     assert status == 0, err
     result_file = tmp_path / (f'eval-quiz-limit{limit}.json' if limit else 'eval-quiz.json')
-    assert out.splitlines()[-1] == f"wrote {result_file}"
-    assert '|quiz ' in out and '|acc     |' in out and '|acc_norm|' in out  # lm-eval's table
     record = json.loads(result_file.read_text())
+    assert out.splitlines()[-1] == f"wrote {result_file}"
+    assert out.splitlines()[-2] == f"mean acc over 1 task(s): {record['mean_acc']:.4f}"
+    assert '|quiz ' in out and '|acc     |' in out and '|acc_norm|' in out  # lm-eval's table
 
     docs = docs[:limit or None]
     correct = correct_norm = 0
@@ -121,6 +122,7 @@ def test_accuracy_through_eval_py_is_the_argmax_of_direct_loglikelihoods(tmp_pat
         correct += max(range(len(lls)), key=lls.__getitem__) == doc['label']
         correct_norm += max(range(len(lls)), key=lambda i: lls[i] / len(doc['choices'][i])) == doc['label']
     assert record['results']['quiz']['acc,none'] == pytest.approx(correct / len(docs), abs=1e-12)
+    assert record['mean_acc'] == record['results']['quiz']['acc,none']
     assert record['results']['quiz']['acc_norm,none'] == pytest.approx(correct_norm / len(docs), abs=1e-12)
     assert 0 < correct < len(docs)  # a random model: neither all wrong nor all right, so the argmax is tested
     assert record['n_samples']['quiz']['effective'] == len(docs)
@@ -141,6 +143,8 @@ def test_two_local_tasks_in_one_run(tmp_path, capsys, quiz):
     record = json.loads((tmp_path / 'both.json').read_text())
     assert set(record['results']) == {'quiz', 'second'}  # the same data and model: the same accuracy
     assert record['results']['quiz']['acc,none'] == record['results']['second']['acc,none']
+    assert record['mean_acc'] == pytest.approx(record['results']['quiz']['acc,none'], abs=1e-12)
+    assert f"mean acc over 2 task(s): {record['mean_acc']:.4f}" in out
 
 
 @pytest.mark.parametrize('attention', ['dijiang', 'softmax'])
