@@ -1,24 +1,30 @@
 """experiments/miniature.py: the smoke pipeline end to end on a CPU (every stage, the report's JSON and
-plot, finished runs skipped), and the verdict's rules on made-up numbers."""
+plot, finished runs skipped), the verdict's rules on made-up numbers, a report with runs missing, the
+refusal without a GPU and Ctrl-C."""
 import importlib.util
 import json
 import math
 import os
-import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
+import torch
 
-from data.prepare import build_default_corpus, prepare
+from data.prepare import prepare
+from data.stdlib.prepare import write_corpus
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MINIATURE = os.path.join(ROOT, 'experiments', 'miniature.py')
+SMOKE = os.path.join(ROOT, 'config', 'miniature_smoke.py')
 FEATURE_MAPS = ('qmc', 'mc', 'performer', 'identity')
+
 
 def load_miniature():
     spec = importlib.util.spec_from_file_location('miniature', MINIATURE)
-    module = importlib.util.module_from_spec(spec)
+    module = sys.modules['miniature'] = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
@@ -28,15 +34,13 @@ def smoke(tmp_path_factory):
     """The whole smoke pipeline into a temporary folder: the teacher stage as fresh `python train.py`
     processes (as on a GPU), then --stage=all, which skips those two runs and forks the others."""
     tmp = tmp_path_factory.mktemp('miniature')
-    build_default_corpus(str(tmp / 'corpus' / 'corpus.jsonl'), max_bytes=100_000)
-    data_dir = prepare(input=str(tmp / 'corpus' / 'corpus.jsonl'), tokenizer='bytes', out_dir=str(tmp / 'data'),
-                       num_workers=1, val_every=10)
-    (tmp / 'other.jsonl').write_text(''.join(json.dumps(dict(text=f"{i}: zebra quartz jig. " * 40)) + '\n' for i in range(20)))
-    other = prepare(input=str(tmp / 'other.jsonl'), tokenizer='bytes', out_dir=str(tmp / 'other'), num_workers=1, val_every=2)
-    shutil.copyfile(os.path.join(other, 'val_000000.bin'), os.path.join(data_dir, 'val_ood_000000.bin'))
+    write_corpus(str(tmp / 'corpus.jsonl'), max_bytes=100_000)
+    (tmp / 'other.jsonl').write_text(''.join(json.dumps(dict(text=f"{i}: zebra quartz jig. " * 40)) + '\n' for i in range(10)))
+    data_dir = prepare(input=str(tmp / 'corpus.jsonl'), ood_input=str(tmp / 'other.jsonl'), tokenizer='bytes',
+                       out_dir=str(tmp / 'data'), num_workers=1, val_every=10)
 
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
-    common = [sys.executable, MINIATURE, '--smoke=True', f'--data_dir={data_dir}', f'--out_dir={tmp / "out"}',
+    common = [sys.executable, MINIATURE, SMOKE, f'--data_dir={data_dir}', f'--out_dir={tmp / "out"}',
               f'--json_path={tmp / "report" / "miniature.json"}', '--parallel=2']
 
     def miniature(*args):
@@ -46,7 +50,7 @@ def smoke(tmp_path_factory):
 
     outputs = [miniature('--stage=teacher', '--preload=False'), miniature('--stage=all')]
     with open(tmp / 'report' / 'miniature.json') as f:
-        return dict(tmp=tmp, summary=json.load(f), outputs=outputs, miniature=miniature)
+        return dict(tmp=tmp, summary=json.load(f), outputs=outputs, miniature=miniature, common=common, env=env)
 
 
 def finite(x):
@@ -80,29 +84,70 @@ def test_smoke_pipeline_reports_every_run(smoke):
         assert r['tokens'] == r['steps'] * r['batch_tokens']
         if not r['arm'].startswith('scratch'):  # fine-tunes: the chosen lr, the same steps at every fraction
             assert r['lr'] == lr and r['steps'] == 5 and r['tokens'] == round(r['fraction'] * T), r
-            assert f'--seed={r["seed"]}' in r['command'] and f'--feature_seed={r["seed"]}' in r['command']
-        assert r['transfer_tokens'] == (round(T / 160) if r['arm'] == 'transfer' else 0)
+            assert f'--seed={r["seed"]}' in r['command']
+        if r['arm'] in FEATURE_MAPS:  # each seed draws its own P
+            assert f'--feature_seed={r["seed"]}' in r['command'] and f'--feature_map={r["arm"]}' in r['command']
+        # the transfer: T/160 = 64 tokens, one step of a fine-tune's batch at T/16 (4 x 32)
+        assert r['transfer_tokens'] == (128 if r['arm'] == 'transfer' else 0)
     assert next(r for r in runs if r['arm'] == 'scratch_t')['tokens'] == T
 
+    # each transfer arm's fine-tune starts from its seed's transfer.py model, once that is written
+    teacher_stage, rest = smoke['outputs']
+    out = smoke['tmp'] / 'out'
+    for seed in (1, 2, 3):
+        transfer = json.loads((out / f'transfer-s{seed}-lr0.001' / 'run.json').read_text())['command']
+        assert transfer[1].endswith('transfer.py') and '--transfer_tokens=128' in transfer
+        assert f'--seed={seed}' in transfer and f'--feature_seed={seed}' in transfer and '--feature_map=qmc' in transfer
+        finetune = next(r for r in runs if r['arm'] == 'transfer' and r['seed'] == seed)['command']
+        assert f"--init_from={out / f'transfer-s{seed}-lr0.001'}" in finetune
+        assert rest.index(f'done transfer-s{seed}-lr0.001 in') < rest.index(f'start transfer-t16-s{seed}-lr0.001:')
+    # the transfer moved the linearized model: before any fine-tuning it is not qmc's seed 1 any more
+    first_val = lambda name: json.loads((out / name / 'log.jsonl').read_text().splitlines()[0])['val_loss']  # noqa: E731
+    assert first_val('transfer-t16-s1-lr0.001') != first_val(f'qmc-t16-s1-lr{lr:g}')
+
     verdict = summary['verdict']
-    assert verdict['outcome'] in ('reproduced', 'partial', 'not reproduced')
-    assert len(verdict['gaps']) == 3 and verdict['teacher_val_loss'] == teacher['val_loss']
+    assert verdict['outcome'] == 'meaningless' and verdict['rules_give'] in ('reproduced', 'partial', 'not reproduced')
+    assert len(verdict['gaps']) == 3 and verdict['teacher_val_loss'] == teacher['val_loss'] and verdict['missing_runs'] == []
     assert len(summary['orderings']) == 2 * 10  # every pair of the 5 arms at T/16, on both val splits
     assert {o['metric'] for o in summary['orderings']} == {'val_loss', 'val_loss_ood'}
     assert {'gpu', 'torch', 'date'} <= summary['machine'].keys() and summary['commands']
     assert set(summary['stage_wall_s']) == {'teacher', 'scratch', 'lr', 'arms', 'controls', 'recovery'}
     assert (smoke['tmp'] / 'report' / 'miniature.png').stat().st_size > 10_000
 
-    teacher_stage, rest = smoke['outputs']
     assert 'start teacher:' in teacher_stage and 'start scratch_t:' not in teacher_stage
     assert '1 of 1 runs already finished: skipped' in rest and 'start teacher:' not in rest
+    assert '1 of 18 runs already finished: skipped' in rest  # the arms: qmc seed 1 is the lr stage's
     assert 'start scratch_t:' in rest
-    assert '| run | fraction of T | seeds | val_loss | val_loss_ood | steps | tokens |' in rest and 'verdict: ' in rest
+    assert '| run | fraction of T | seeds | val_loss | val_loss_ood | steps | tokens |' in rest
+    assert '| transfer | 1/16 | 3 |' in rest and '| 5 | 640 + 128 |' in rest
+    assert (f"\nverdict: meaningless\n  a smoke run: toy models trained for a few steps say nothing of the claim "
+            f"(its rules give '{verdict['rules_give']}')\n") in rest
 
 
 def test_finished_runs_are_skipped(smoke):
     output = smoke['miniature']('--stage=arms')
-    assert '15 of 15 runs already finished: skipped' in output and 'start ' not in output
+    assert '18 of 18 runs already finished: skipped' in output and 'start ' not in output
+
+
+def test_a_report_with_runs_missing_names_them(capsys):
+    """A report whose verdict runs have not all finished says which, and which stage trains them."""
+    miniature = load_miniature()
+    teacher = dict(tokens=1000, steps=10, val_loss=1.5, val_loss_ood=1.75,
+                   at_t16=dict(step=1, tokens=100, val_loss=None, val_loss_ood=None))
+    run = dict(arm='qmc', fraction=1 / 16, tokens=64, steps=5, transfer_tokens=0)
+    summary = dict(teacher=teacher, lr_choice=dict(chosen=1e-3), orderings=[],
+                   runs=[dict(run, seed=1, val_loss=2.0, val_loss_ood=2.5), dict(run, seed=2, val_loss=None, val_loss_ood=None)],
+                   verdict=dict(outcome='incomplete', missing_runs=[dict(name='qmc-t16-s2-lr0.001', stage='arms'),
+                                                                    dict(name='scratch_t', stage='scratch')]))
+    miniature.print_table(summary)
+    assert capsys.readouterr().out.splitlines()[-7:] == [
+        '| teacher | 1 | 1 | 1.5000 | 1.7500 | 10 | 1,000 |',
+        '| teacher at T/16 (mid-schedule) | 1/16 | 1 | not finished | not finished | 1 | 100 |',
+        '| qmc | 1/16 | 2 | 2.0000 | 2.5000 | 5 | 64 |',
+        '',
+        'verdict: incomplete',
+        '  not finished: qmc-t16-s2-lr0.001 (--stage=arms), scratch_t (--stage=scratch)',
+        '  no ordering of the arms is claimed']
 
 
 def test_verdict_rules():
