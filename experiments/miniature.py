@@ -2,49 +2,42 @@
 The paper's central claim, tested in miniature: a pretrained softmax model, linearized to DiJiang
 and fine-tuned on 1/16 of its pretraining tokens (T/16), comes back close to the original.
 
-    python experiments/miniature.py                            # every stage, on one GPU (about 25 minutes on an H200)
+    python experiments/miniature.py                            # every stage, on one GPU (about 20 minutes on an H200)
     python experiments/miniature.py --stage=teacher            # one stage: teacher, scratch, lr, arms, controls, recovery, report
     python experiments/miniature.py config/miniature_smoke.py  # the pipeline at toy scale, on a CPU; its verdict is meaningless
     python experiments/miniature.py --help                     # every setting, and the recipes
 
-Every run is a train.py (or transfer.py) process writing out_dir/<run name>/: its files (rundir.py),
-and beside them train.out (its output) and run.json (its command and wall time). --parallel of them
-share the one GPU, since a 70M model leaves most of it idle. A finished run is skipped, and a run
-stopped after a checkpoint resumes from it, so a stage that was interrupted picks up where it
-stopped. No result depends on how the parallel runs interleave: each has its own seed, data order
-and val windows. Without a CUDA GPU the experiment is refused, with the time it would take there
-(from one timed training step); the smoke recipe runs anywhere.
+Every run is a train.py (or transfer.py) process writing out_dir/<run name>/, with train.out (its
+output) and run.json (its command and wall time) beside its files; --parallel of them share the one
+GPU, since a 70M model leaves most of it idle. A finished run is skipped and a run stopped after a
+checkpoint resumes, so an interrupted stage picks up where it stopped. No result depends on how the
+runs interleave: each has its own seed, data order and val windows. On a GPU they compute in bfloat16
+autocast (train.py's dtype='auto'), the fused kernels' one input dtype for the identity map. Without a
+GPU the experiment is refused, with the time it would take there; the smoke recipe runs anywhere.
 
 Data: data/packages/prepare.py, built on first use: byte-level, the .py files of the installed
 packages, whole files to the val split, and one held-out package as val_ood.
 
 Stages, and what each trains (fractions are of T, the teacher's tokens):
-  teacher   teacher: pythia-70m shape, softmax, block 1024, one pass over the train split (T tokens),
-            evaluated every T/16, so that its val after T/16 tokens is a control too (mid-schedule: its
-            lr has not decayed yet).
-  scratch   DiJiang (qmc) from scratch: scratch_t on the teacher's schedule (T tokens), scratch_t16 on
-            T/16 tokens (the fine-tunes' schedule, the teacher's lr). They need no teacher, so this
-            stage can run beside the others, from a second `--stage=scratch` process, which shortens
-            the whole by the length of scratch_t.
+  teacher   softmax, pythia-70m shape, block 1024, one pass over the train split (T tokens), evaluated
+            every T/16, so that its val after T/16 tokens is a control too (mid-schedule: lr not decayed).
+  scratch   DiJiang (qmc) from scratch: scratch_t on the teacher's schedule, scratch_t16 on T/16 tokens
+            (the fine-tunes' schedule, the teacher's lr). They need no teacher: a second process
+            (`--stage=scratch`) can run them beside the other stages.
   lr        the linearized teacher (qmc, seed 1) fine-tuned at T/16 with each lr in `lrs`; the lower
             final val_loss picks the lr of every fine-tune after it (both are recorded).
   arms      at T/16, seeds 1-3, each seed passing --seed=s --feature_seed=s (so P and the gate both vary):
-            the feature maps qmc, mc, performer and identity; and transfer: transfer.py first fits the
-            qmc layers to the teacher's attention on T/160 tokens, then the same fine-tune starts from
-            the model it wrote.
+            the feature maps qmc, mc, performer and identity; and transfer: transfer.py fits the qmc
+            layers to the teacher's attention on T/160 tokens, and the same fine-tune starts from there.
   controls  teacher_continued: the softmax teacher trained T/16 more tokens on the fine-tunes' schedule.
   recovery  qmc and identity (seed 1) at T/64 and T/4; T/16 comes from the arms.
   report    json_path and its plot beside it (.png), a markdown table and the verdict.
 
 Every fine-tune: init_from the teacher, the same number of optimizer steps at every fraction (about
-600: its batch scales with its tokens, 16 x 1024 at T/16; the lr does not), warmup over 5% of them,
-cosine to 0. Every run's val is taken over the same 320 windows of 1024 tokens of each split (val,
-val_ood). The lr is chosen on the val split it is then reported on: with two candidates, a small bias.
-On a GPU every run computes in bfloat16 autocast (train.py's dtype='auto'), which the fused kernels
-need for the identity map; the arms and recovery stages say which path its runs take.
-
-Budget (printed at the start, per stage): the teacher 157M tokens, scratch 167M, lr 20M, arms 151M,
-controls 10M, recovery 83M: about 590M tokens.
+600: its batch scales with its tokens, 16 x 1024 at T/16), warmup over 5% of them, cosine to 0. Every
+run's val is over the same 320 windows of 1024 tokens of each split (val, val_ood). The lr is chosen
+on the val split it is then reported on: with two candidates, a small bias. In all, about 590M tokens
+(the budget per stage is printed at the start).
 
 The verdict, decided before any number was seen; on val_loss, nats per byte:
   reproduced      at T/16 the qmc mean over seeds is within 0.05 of the teacher's final val_loss, and
@@ -52,7 +45,7 @@ The verdict, decided before any number was seen; on val_loss, nats per byte:
   not reproduced  the gap (qmc - teacher) is above 0.15 in every seed, at the chosen lr, with at least
                   min_steps optimizer steps;
   partial         anything between;
-  meaningless     a smoke run's (smoke=True): toy runs say nothing of the claim.
+  meaningless     a smoke run's, whatever the rules give: toy runs say nothing of the claim.
 An ordering of two arms at T/16 is claimed only where their mean difference exceeds twice the pooled
 standard deviation over seeds (sqrt of the mean of the two sample variances) and the per-seed
 differences (seed s against seed s) all have one sign; every pair is computed, on both val splits.
@@ -157,6 +150,9 @@ class Plan:
         self.finetune_steps = self.T // (16 * finetune_batch * block_size)
         configurator.check(self.finetune_steps >= 1, 'data_dir', data_dir, f"it holds too little train data for a "
                            f"fine-tune of T/16 tokens (T = {self.T} tokens): build more (--corpus_mb)")
+        # the teacher's schedule, scratch_t's too: an eval at T/16, a control
+        self.pretraining = dict(steps=self.teacher_steps, batch=teacher_batch, warmup=max(1, self.teacher_steps // 50),
+                                eval_interval=max(1, self.teacher_steps // 16))
 
     def run(self, name, arm, seed, fraction, lr, *args, steps=0, batch=0, script='train.py', transfer=None, **changes):
         """A run of script with the settings every run shares, then changes and args."""
@@ -175,16 +171,13 @@ class Plan:
 
     def teacher(self):
         return self.run('teacher', 'teacher', 1, 1.0, teacher_lr, f'--model={model}', '--attention=softmax',
-                        steps=self.teacher_steps, batch=teacher_batch, warmup=max(1, self.teacher_steps // 50),
-                        eval_interval=max(1, self.teacher_steps // 16))  # an eval at T/16: a control
+                        **self.pretraining)
 
     def scratch(self, fraction):
         """DiJiang (qmc) from scratch: on T tokens as the teacher, or on a fraction as the fine-tunes."""
         args = f'--model={model}', '--attention=dijiang', '--feature_map=qmc', '--feature_seed=1'
         if fraction == 1:
-            return self.run('scratch_t', 'scratch_t', 1, 1.0, teacher_lr, *args, steps=self.teacher_steps,
-                            batch=teacher_batch, warmup=max(1, self.teacher_steps // 50),
-                            eval_interval=max(1, self.teacher_steps // 16))
+            return self.run('scratch_t', 'scratch_t', 1, 1.0, teacher_lr, *args, **self.pretraining)
         name = f'scratch_t{round(1 / fraction)}'
         return self.run(f'{name}-s1', name, 1, fraction, teacher_lr, *args)
 
@@ -269,7 +262,8 @@ def finished(run):
 
 def launch(run, threads):
     """Start run's script; a train.py run stopped after a checkpoint, with the same command, resumes
-    from it. Returns a handle with poll() and terminate(), as subprocess.Popen's, and whether it resumed."""
+    from it. Returns a handle with poll(), terminate() and wait(), as subprocess.Popen's, and whether
+    it resumed."""
     os.makedirs(run.dir, exist_ok=True)
     command = run.command()
     resume = (run.script == 'train.py' and os.path.isfile(os.path.join(run.dir, 'ckpt.pt'))
@@ -282,8 +276,9 @@ def launch(run, threads):
     out_path = os.path.join(run.dir, 'train.out')
     with open(out_path, 'a') as out:
         out.write(f"\n$ {' '.join(argv)}\n")
-        if preload:
-            return Forked(argv, out_path), resume
+    if preload:
+        return Forked(argv, out_path), resume
+    with open(out_path, 'a') as out:
         return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT), resume
 
 
@@ -312,6 +307,8 @@ class Forked:
 
     def terminate(self):
         self.process.terminate()
+
+    def wait(self):
         self.process.join()
 
 
@@ -358,8 +355,7 @@ def execute(runs):
     finally:  # a stop here (Ctrl-C, SIGTERM) stops the runs too, each finishing a checkpoint it is writing
         for run, process, _ in active.values():
             process.terminate()
-            if isinstance(process, subprocess.Popen):
-                process.wait()
+            process.wait()
     if failed:
         raise ValueError(f"{len(failed)} run(s) failed: " + '; '.join(
             f"{run.name} ({os.path.join(run.dir, 'train.out')}: {why})" for run, why in failed))
@@ -620,6 +616,7 @@ def refuse_without_gpu(plan):
     from dijiang import GPT, GPTConfig
     gpt = GPT(GPTConfig.named(model, attention='softmax', block_size=block_size, vocab_size=256))
     x = torch.zeros(1, block_size, dtype=torch.long)
+    print(f"no CUDA GPU: timing a training step of the {model} teacher on this CPU", flush=True)
     for _ in range(2):  # the first step warms up
         t0 = time.time()
         gpt(x, x)[1].backward()
@@ -628,7 +625,7 @@ def refuse_without_gpu(plan):
     hours = tokens / speed / 3600
     raise ValueError(f"no CUDA GPU: the experiment trains {tokens:,} tokens, and this CPU ({os.cpu_count()} cores) "
                      f"trains the {model} teacher at {speed:,.0f} tokens/s (one step timed), so it would take at least "
-                     f"{hours:,.0f} hours here ({hours / 24:.1f} days): run it on a GPU, or test the pipeline at toy "
+                     f"{hours:,.1f} hours here ({hours / 24:,.1f} days): run it on a GPU, or test the pipeline at toy "
                      "scale with python experiments/miniature.py config/miniature_smoke.py")
 
 

@@ -5,6 +5,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -165,3 +166,71 @@ def test_verdict_rules():
     assert pairs['a', 'b']['claimed'] and pairs['a', 'b']['lower'] == 'a'
     assert not pairs['a', 'c']['claimed'] and not pairs['a', 'c']['same_sign_every_seed']  # a mixed sign
     assert pairs['b', 'c']['claimed'] and pairs['b', 'c']['lower'] == 'c'
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='the refusal is for a machine without a CUDA GPU')
+def test_without_a_gpu_it_refuses_with_the_time_it_would_take(smoke):
+    """At the experiment's scale (here a tiny one, to keep the test short) a CPU gets one line: the
+    tokens planned, the speed of one timed step, the hours that makes; nothing is written."""
+    refused = smoke['tmp'] / 'refused'
+    args = ['--model=tiny', '--block_size=32', '--teacher_batch=16', f"--data_dir={smoke['tmp'] / 'data'}", f'--out_dir={refused}']
+    result = subprocess.run([sys.executable, MINIATURE, *args], env=smoke['env'], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and not refused.exists()
+    assert result.stdout == "no CUDA GPU: timing a training step of the tiny teacher on this CPU\n"
+    match = re.fullmatch(r"error: no CUDA GPU: the experiment trains ([\d,]+) tokens, and this CPU \(\d+ cores\) trains "
+                         r"the tiny teacher at ([\d,]+) tokens/s \(one step timed\), so it would take at least ([\d,.]+) "
+                         r"hours here \([\d,.]+ days\): run it on a GPU, or test the pipeline at toy scale with python "
+                         r"experiments/miniature.py config/miniature_smoke.py\n", result.stderr)
+    assert match, result.stderr
+    tokens, speed, hours = (float(group.replace(',', '')) for group in match.groups())
+    miniature = load_miniature()
+    vars(miniature).update(model='tiny', block_size=32, teacher_batch=16, data_dir=str(smoke['tmp'] / 'data'))
+    plan = miniature.Plan(miniature.train_windows())
+    assert tokens == sum(run.tokens for runs in plan.new_runs(1e-3).values() for run in runs)
+    assert hours == pytest.approx(tokens / speed / 3600, abs=0.06, rel=1e-3)
+
+
+@pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM], ids=['ctrl-c', 'sigterm'])
+def test_a_stop_is_one_line_and_stops_the_runs(smoke, tmp_path, signum):
+    """Ctrl-C (SIGINT to the terminal's process group) or a SIGTERM to miniature.py alone: one line,
+    its exit status, and the run it had started stopped too (its own line in its train.out)."""
+    out = tmp_path / 'out'
+    command = [*smoke['common'][:3], f"--data_dir={smoke['tmp'] / 'data'}", f'--out_dir={out}', '--stage=teacher',
+               '--preload=False']
+    process = subprocess.Popen(command, env=smoke['env'], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    for line in process.stdout:
+        if line.startswith('start teacher:'):
+            break
+    time.sleep(1)
+    if signum == signal.SIGINT:
+        os.killpg(process.pid, signal.SIGINT)
+    else:
+        process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=60)
+    word = 'interrupted' if signum == signal.SIGINT else 'terminated'
+    assert process.returncode == 128 + signum and stderr == (
+        f"error: {word}; {out}/ keeps every finished run, and a run stopped after a checkpoint resumes from it: "
+        "run the same command again\n")
+    lines = (out / 'teacher' / 'train.out').read_text().strip().splitlines()
+    assert lines[-1].startswith('error: '), lines  # train.py's own one line: it stopped
+    assert 'Traceback' not in stdout + ''.join(lines)
+
+
+def test_the_identity_runs_give_the_fused_kernels_bf16(monkeypatch):
+    """The fused kernels take the identity map with bf16 inputs only. train.py on a GPU computes in
+    bfloat16 autocast (dtype='auto', every run's setting here): under it the q, k, v that reach the
+    attention, where it picks its path, are bf16, so the recovery stage's identity runs are fused."""
+    from dijiang import GPT, DiJiangAttention, GPTConfig
+    miniature = load_miniature()
+    assert miniature.dtype == 'auto'
+    vars(miniature).update(out_dir='out', data_dir='data', model='tiny', block_size=32, finetune_batch=4, micro_batch=4)
+    for run in miniature.Plan(train_windows=2560).stage('recovery', lr=1e-3):
+        assert '--dtype=auto' in run.args and ('--feature_map=identity' in run.args) == (run.arm == 'identity')
+    seen = []
+    monkeypatch.setattr(DiJiangAttention, 'uses_triton', lambda self, q: seen.append(q.dtype) or False)
+    gpt = GPT(GPTConfig.named('tiny', feature_map='identity', block_size=32, vocab_size=256))
+    x = torch.zeros(2, 32, dtype=torch.long)
+    with torch.autocast('cpu', dtype=torch.bfloat16):  # train.py's autocast, on the CPU here
+        gpt(x, x)[1].backward()
+    assert seen == [torch.bfloat16] * 2  # both layers
