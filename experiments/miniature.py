@@ -253,21 +253,30 @@ def final_val(run):
     return val_at(run, run.steps)
 
 
+def same_settings(run):
+    """Whether run's folder was last started with run's settings (run.json holds its command), wherever
+    out_dir is: its runs' folders are compared by name."""
+    def settings(args):
+        return [f"--init_from={os.path.basename(arg.partition('=')[2])}" if arg.startswith('--init_from=') else arg
+                for arg in args if not arg.startswith('--out_dir=')]
+    return settings(read_json(os.path.join(run.dir, 'run.json')).get('command', [])[2:]) == settings(run.args)
+
+
 def finished(run):
-    """A train.py run whose log holds its last eval; a transfer that wrote its model (at its end)."""
+    """A train.py run whose log holds its last eval, or a transfer that wrote its model (at its end),
+    with this plan's settings: a changed setting (the transfer's lr, say) trains it again."""
     if run.script == 'transfer.py':
-        return os.path.isfile(os.path.join(run.dir, 'ckpt.pt'))
-    return final_val(run) is not None
+        return os.path.isfile(os.path.join(run.dir, 'ckpt.pt')) and same_settings(run)
+    return final_val(run) is not None and same_settings(run)
 
 
 def launch(run, threads):
-    """Start run's script; a train.py run stopped after a checkpoint, with the same command, resumes
+    """Start run's script; a train.py run stopped after a checkpoint, with the same settings, resumes
     from it. Returns a handle with poll(), terminate() and wait(), as subprocess.Popen's, and whether
     it resumed."""
     os.makedirs(run.dir, exist_ok=True)
     command = run.command()
-    resume = (run.script == 'train.py' and os.path.isfile(os.path.join(run.dir, 'ckpt.pt'))
-              and read_json(os.path.join(run.dir, 'run.json')).get('command') == command)
+    resume = run.script == 'train.py' and os.path.isfile(os.path.join(run.dir, 'ckpt.pt')) and same_settings(run)
     if not resume:
         write_json(os.path.join(run.dir, 'run.json'), dict(command=command))
     # a run started afresh replaces what a stopped run of another command left in its folder
@@ -373,7 +382,7 @@ def last_line(run):
 
 def result(run):
     """What the report holds of a run: the plan, its final val on both splits, its wall time."""
-    row = final_val(run) or {}
+    row = final_val(run) if finished(run) else {}
     info = read_json(os.path.join(run.dir, 'run.json'))
     transfer = dict(transfer_tokens=run.transfer.tokens if run.transfer else 0)
     if run.transfer:

@@ -14,6 +14,7 @@ import time
 import pytest
 import torch
 
+from conftest import run_script
 from data.prepare import prepare
 from data.stdlib.prepare import write_corpus
 
@@ -51,7 +52,7 @@ def smoke(tmp_path_factory):
 
     outputs = [miniature('--stage=teacher', '--preload=False'), miniature('--stage=all')]
     with open(tmp / 'report' / 'miniature.json') as f:
-        return dict(tmp=tmp, summary=json.load(f), outputs=outputs, miniature=miniature, common=common, env=env)
+        return dict(tmp=tmp, summary=json.load(f), outputs=outputs, common=common, env=env)
 
 
 def finite(x):
@@ -125,9 +126,24 @@ def test_smoke_pipeline_reports_every_run(smoke):
             f"(its rules give '{verdict['rules_give']}')\n") in rest
 
 
-def test_finished_runs_are_skipped(smoke):
-    output = smoke['miniature']('--stage=arms')
+def test_finished_runs_are_skipped(smoke, capsys):
+    status, output, _ = run_script(capsys, 'experiments/miniature.py', *smoke['common'][2:], '--stage=arms')
+    assert status == 0
     assert '18 of 18 runs already finished: skipped' in output and 'start ' not in output
+
+
+def test_a_changed_setting_trains_its_runs_again_and_the_report_names_them(smoke, capsys):
+    """The transfer's lr changed: the transfers and the fine-tunes from them are not the runs on disk.
+    The report says which runs are missing, and which stage trains them; the verdict stands on the others."""
+    status, output, _ = run_script(capsys, 'experiments/miniature.py', *smoke['common'][2:], '--stage=report',
+                                   '--transfer_lr=0.002', f"--json_path={smoke['tmp'] / 'changed.json'}")
+    assert status == 0
+    assert ('\n  not finished: ' + ', '.join(f'transfer-t16-s{seed}-lr0.001 (--stage=arms)' for seed in (1, 2, 3)) + '\n'
+            in output)
+    assert '| transfer | 1/16 | 3 | not finished | not finished | 5 | 640 + 128 |' in output
+    verdict = json.loads((smoke['tmp'] / 'changed.json').read_text())['verdict']
+    assert verdict['outcome'] == 'meaningless' and [run['name'] for run in verdict['missing_runs']] == [
+        f'transfer-t16-s{seed}-lr0.001' for seed in (1, 2, 3)]
 
 
 def test_a_report_with_runs_missing_names_them(capsys):
@@ -169,19 +185,19 @@ def test_verdict_rules():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason='the refusal is for a machine without a CUDA GPU')
-def test_without_a_gpu_it_refuses_with_the_time_it_would_take(smoke):
+def test_without_a_gpu_it_refuses_with_the_time_it_would_take(smoke, capsys):
     """At the experiment's scale (here a tiny one, to keep the test short) a CPU gets one line: the
     tokens planned, the speed of one timed step, the hours that makes; nothing is written."""
     refused = smoke['tmp'] / 'refused'
     args = ['--model=tiny', '--block_size=32', '--teacher_batch=16', f"--data_dir={smoke['tmp'] / 'data'}", f'--out_dir={refused}']
-    result = subprocess.run([sys.executable, MINIATURE, *args], env=smoke['env'], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 1 and not refused.exists()
-    assert result.stdout == "no CUDA GPU: timing a training step of the tiny teacher on this CPU\n"
+    status, stdout, stderr = run_script(capsys, 'experiments/miniature.py', *args)
+    assert status == 1 and not refused.exists()
+    assert stdout == "no CUDA GPU: timing a training step of the tiny teacher on this CPU\n"
     match = re.fullmatch(r"error: no CUDA GPU: the experiment trains ([\d,]+) tokens, and this CPU \(\d+ cores\) trains "
                          r"the tiny teacher at ([\d,]+) tokens/s \(one step timed\), so it would take at least ([\d,.]+) "
                          r"hours here \([\d,.]+ days\): run it on a GPU, or test the pipeline at toy scale with python "
-                         r"experiments/miniature.py config/miniature_smoke.py\n", result.stderr)
-    assert match, result.stderr
+                         r"experiments/miniature.py config/miniature_smoke.py\n", stderr)
+    assert match, stderr
     tokens, speed, hours = (float(group.replace(',', '')) for group in match.groups())
     miniature = load_miniature()
     vars(miniature).update(model='tiny', block_size=32, teacher_batch=16, data_dir=str(smoke['tmp'] / 'data'))
