@@ -1,4 +1,4 @@
-"""A test of the pipeline at toy scale (tiny model, block 32, 5-step fine-tunes), on a CPU in a minute: its verdict is meaningless."""
+"""A test of the pipeline at toy scale (tiny model, block 32, 5-step fine-tunes), on a CPU in about a minute: its verdict is meaningless."""
 out_dir = 'out-miniature-smoke'
 data_dir = 'data/packages-bytes-smoke'
 corpus_mb = 1.0
