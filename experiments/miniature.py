@@ -2,111 +2,115 @@
 The paper's central claim, tested in miniature: a pretrained softmax model, linearized to DiJiang
 and fine-tuned on 1/16 of its pretraining tokens (T/16), comes back close to the original.
 
-    python experiments/miniature.py                  # every stage: an estimated 8-15 minutes on one H100/H200
-    python experiments/miniature.py --stage=teacher  # one stage; in order: teacher, lr, arms, controls, recovery, report
-    python experiments/miniature.py --smoke=True     # the whole pipeline, tiny (block 32, 5-step fine-tunes), on a CPU
-    python experiments/miniature.py --help           # every setting
+    python experiments/miniature.py                            # every stage, on one GPU (about 20 minutes on an H200)
+    python experiments/miniature.py --stage=teacher            # one stage: teacher, scratch, lr, arms, controls, recovery, report
+    python experiments/miniature.py config/miniature_smoke.py  # the pipeline at toy scale, on a CPU; its verdict is meaningless
+    python experiments/miniature.py --help                     # every setting, and the recipes
 
-Every run is a train.py process writing out_dir/<run name>/ (checkpoint, log.jsonl, train.out and
-run.json: its command and wall time); --parallel of them share the one GPU, since a 70M model leaves
-most of it idle. A run whose final val is in its log is skipped, and a run stopped after a checkpoint
-resumes from it, so a stage that was interrupted picks up where it stopped. No result depends on how
-the parallel runs interleave: each has its own seed, data order and val windows.
+Every run is a train.py (or transfer.py) process writing out_dir/<run name>/, with train.out (its
+output) and run.json (its command and wall time) beside its files; --parallel of them share the one
+GPU, since a 70M model leaves most of it idle. A finished run is skipped and a run stopped after a
+checkpoint resumes, so an interrupted stage picks up where it stopped. No result depends on how the
+runs interleave: each has its own seed, data order and val windows. On a GPU they compute in bfloat16
+autocast (train.py's dtype='auto'), the fused kernels' one input dtype for the identity map. Without a
+GPU the experiment is refused, with the time it would take there; the smoke recipe runs anywhere.
 
-Data: python data/prepare.py --corpus=packages --corpus_mb=160, run on first use: byte-level, the .py
-files of the installed packages, whole files to the val split, and one held-out package as val_ood.
+Data: data/packages/prepare.py, built on first use: byte-level, the .py files of the installed
+packages, whole files to the val split, and one held-out package as val_ood.
 
 Stages, and what each trains (fractions are of T, the teacher's tokens):
-  teacher   teacher: pythia-70m shape, softmax, block 1024, one pass over the train split (T tokens),
-            evaluated every T/16, so that its val after T/16 tokens is a control too (mid-schedule: its
-            lr has not decayed yet).
-  scratch   DiJiang (qmc) from scratch: scratch_t on the teacher's schedule (T tokens), scratch_t16 on
-            T/16 tokens (the fine-tunes' schedule, the teacher's lr). They need no teacher, so this
-            stage can run beside the others, from a second `--stage=scratch` process, which shortens
-            the whole by the length of scratch_t.
+  teacher   softmax, pythia-70m shape, block 1024, one pass over the train split (T tokens), evaluated
+            every T/16, so that its val after T/16 tokens is a control too (mid-schedule: lr not decayed).
+  scratch   DiJiang (qmc) from scratch: scratch_t on the teacher's schedule, scratch_t16 on T/16 tokens
+            (the fine-tunes' schedule, the teacher's lr). They need no teacher: a second process
+            (`--stage=scratch`) can run them beside the other stages.
   lr        the linearized teacher (qmc, seed 1) fine-tuned at T/16 with each lr in `lrs`; the lower
             final val_loss picks the lr of every fine-tune after it (both are recorded).
   arms      at T/16, seeds 1-3, each seed passing --seed=s --feature_seed=s (so P and the gate both vary):
-            the feature maps qmc, mc, performer and identity; and transfer: qmc after an attention
-            transfer of T/160 tokens (train.py --transfer_tokens), then the same fine-tune.
+            the feature maps qmc, mc, performer and identity; and transfer: transfer.py fits the qmc
+            layers to the teacher's attention on T/160 tokens, and the same fine-tune starts from there.
   controls  teacher_continued: the softmax teacher trained T/16 more tokens on the fine-tunes' schedule.
   recovery  qmc and identity (seed 1) at T/64 and T/4; T/16 comes from the arms.
-  report    experiments/miniature.json and .png, a markdown table and the verdict.
+  report    json_path and its plot beside it (.png), a markdown table and the verdict.
 
 Every fine-tune: init_from the teacher, the same number of optimizer steps at every fraction (about
-600: its batch scales with its tokens, 16 x 1024 at T/16; the lr does not), warmup over 5% of them,
-cosine to 0. Every run's val is taken over the same 320 windows of 1024 tokens of each split (val,
-val_ood). The lr is chosen on the val split it is then reported on: with two candidates, a small bias.
-
-Budget (printed at the start, per stage): the teacher 157M tokens, scratch 167M, lr 20M, arms 150M,
-controls 10M, recovery 83M: about 590M tokens. On one H200, the stages in order beside a second
-process for `--stage=scratch` (as `python experiments/miniature.py --parallel=5` and `python
-experiments/miniature.py --stage=scratch` together) take about the times in experiments/miniature.json.
+600: its batch scales with its tokens, 16 x 1024 at T/16), warmup over 5% of them, cosine to 0. Every
+run's val is over the same 320 windows of 1024 tokens of each split (val, val_ood). The lr is chosen
+on the val split it is then reported on: with two candidates, a small bias. In all, about 590M tokens
+(the budget per stage is printed at the start).
 
 The verdict, decided before any number was seen; on val_loss, nats per byte:
   reproduced      at T/16 the qmc mean over seeds is within 0.05 of the teacher's final val_loss, and
                   no worse than DiJiang from scratch at T (scratch_t);
   not reproduced  the gap (qmc - teacher) is above 0.15 in every seed, at the chosen lr, with at least
-                  500 optimizer steps;
-  partial         anything between.
+                  min_steps optimizer steps;
+  partial         anything between;
+  meaningless     a smoke run's, whatever the rules give: toy runs say nothing of the claim.
 An ordering of two arms at T/16 is claimed only where their mean difference exceeds twice the pooled
 standard deviation over seeds (sqrt of the mean of the two sample variances) and the per-seed
 differences (seed s against seed s) all have one sign; every pair is computed, on both val splits.
 """
 
-import json
-import math
-import multiprocessing
 import os
-import platform
-import runpy
-import statistics
-import subprocess
 import sys
-import time
-from dataclasses import dataclass, field
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # the repo root: data.prepare, dijiang
+sys.path.insert(0, ROOT)  # the repo's modules
+import configurator  # noqa: E402
+
+if __name__ == '__main__':  # imported (by the tests), the signals are the importing process's
+    configurator.stop_on_signals()  # before the heavy imports: Ctrl-C while torch loads is one line too
+
+import json  # noqa: E402
+import math  # noqa: E402
+import multiprocessing  # noqa: E402
+import platform  # noqa: E402
+import runpy  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+
+import torch  # noqa: E402
+
 from atomic import atomic_write, atomic_write_text  # noqa: E402
-from configurator import parse_settings, settings_help  # noqa: E402
 from shards import Shards  # noqa: E402
 
 # -----------------------------------------------------------------------------
-# settings: each can be overridden as --name=value
+# settings: each can be overridden as --name=value, after any recipe files (config/miniature_*.py)
 stage = 'all'  # 'teacher', 'scratch', 'lr', 'arms', 'controls', 'recovery', 'report', or 'all' of them in order
-out_dir = ''  # '' means out-miniature (out-miniature-smoke with --smoke=True): run r writes out_dir/r/
-data_dir = ''  # '' means data/packages-bytes (data/packages-bytes-smoke); built on first use by data/prepare.py
-corpus_mb = 0.0  # size of the packages corpus to build, MB of text; 0 means 160 (1 with --smoke=True)
-json_path = ''  # the report; '' means experiments/miniature.json (out_dir/miniature.json with --smoke=True); its plot beside it as .png
-parallel = 4  # train.py processes at once on the one GPU
+out_dir = 'out-miniature'  # run r writes out_dir/r/
+data_dir = 'data/packages-bytes'  # built on first use by data/packages/prepare.py
+corpus_mb = 160.0  # size of the packages corpus to build, MB of text
+json_path = 'experiments/miniature.json'  # the report; its plot beside it as .png
+parallel = 4  # runs at once on the one GPU
 lrs = (3e-4, 1e-3)  # the fine-tune lrs tried on qmc seed 1 (stage lr); the better one serves every fine-tune
 teacher_lr = 1e-3  # the teacher's, and the from-scratch runs'
 transfer_lr = 1e-3  # the attention transfer's peak lr
-tokens_per_s = 1.5e6  # assumed total training throughput of the GPU over the parallel runs: only for the time estimates printed
-smoke = False  # shrink everything (tiny model, block 32, a few steps per run) so the pipeline runs on a CPU
-preload = False  # start each train.py as a fork of this process, torch already imported: 3-6 s less per run on a
-                 # CPU (--smoke=True turns it on); off, each run is a fresh `python train.py ...`, as the GPU runs are
+dtype = 'auto'  # every run's: 'auto' (bfloat16 autocast on a GPU, float32 on a CPU), 'bfloat16' or 'float32'
+# the scale: batches in sequences of block_size tokens; a fine-tune's scales with its fraction of T
+model = 'pythia-70m'  # the teacher's shape, a name in dijiang.CONFIGS
+block_size = 1024
+teacher_batch = 64  # sequences per step of the teacher (and of scratch_t)
+finetune_batch = 16  # sequences per step of a fine-tune at T/16 (and of the attention transfer)
+micro_batch = 16  # sequences per forward/backward
+eval_windows = 320  # val windows of each split, the same for every run
+teacher_steps = 0  # the teacher's steps; 0 means one pass over the train split
+min_steps = 500  # fewer fine-tune steps and the verdict cannot be 'not reproduced'
+tokens_per_s = 7.5e5  # total throughput over the parallel runs, for the time estimates: one H200's over the experiment
+smoke = False  # a test of the pipeline at toy scale (config/miniature_smoke.py): its verdict is 'meaningless'
+preload = False  # start each run as a fork of this process, torch already imported: 3-6 s less per run on a CPU
+                 # (the smoke recipe turns it on); off, each run is a fresh `python train.py ...`, as on a GPU
 # -----------------------------------------------------------------------------
-SETTINGS = {name: value for name, value in globals().items()
-            if not name.startswith('_') and isinstance(value, (bool, int, float, str, tuple))}
-
-# The scale. Batches are in sequences of block_size tokens: the teacher's, and a fine-tune's at T/16
-# (it scales with the fraction, so every fine-tune takes the same number of steps). Val: eval_windows
-# windows of each split, the same for every run. teacher_steps caps the teacher (None: one epoch).
-FULL = dict(model='pythia-70m', block_size=1024, teacher_batch=64, finetune_batch=16, micro_batch=16,
-            eval_windows=320, min_steps=500, teacher_steps=None)
-SMOKE = dict(model='tiny', block_size=32, teacher_batch=16, finetune_batch=4, micro_batch=4,
-             eval_windows=8, min_steps=1, teacher_steps=20)
+SETTINGS = configurator.settings_block(__file__)[1]
 FEATURE_MAPS = ('qmc', 'mc', 'performer', 'identity')
 SEEDS = (1, 2, 3)
 T16, RECOVERY_FRACTIONS, TRANSFER_FRACTION = 1 / 16, (1 / 64, 1 / 4), 1 / 160
 STAGES = ('teacher', 'scratch', 'lr', 'arms', 'controls', 'recovery', 'report')
 COLORS = dict(qmc='C0', mc='C1', performer='C2', identity='C3', transfer='C4', teacher_continued='C5',
               scratch_t16='C7', scratch_t='C7')
-STARTUP_S = 15  # a train.py process's start on a GPU (imports, CUDA, first kernels), for the estimates
-# the verdict's thresholds, nats per byte
-CLOSE, FAR = 0.05, 0.15
+STARTUP_S = 15  # a run's start on a GPU (imports, CUDA, first kernels), for the estimates
+CLOSE, FAR = 0.05, 0.15  # the verdict's thresholds, nats per byte
 
 
 @dataclass
@@ -118,16 +122,20 @@ class Run:
     steps: int
     batch: int  # sequences per step
     lr: float
-    tokens: int
-    args: list = field(repr=False)  # train.py's settings
-    transfer_tokens: int = 0
+    args: list = field(repr=False)  # the script's settings
+    script: str = 'train.py'  # or 'transfer.py': an attention transfer, which a fine-tune starts from
+    transfer: 'Run' = None  # the transfer this fine-tune starts from
+
+    @property
+    def tokens(self):
+        return self.steps * self.batch * block_size
 
     @property
     def dir(self):
         return os.path.join(out_dir, self.name)
 
     def command(self):
-        return [sys.executable, os.path.join(ROOT, 'train.py'), *self.args]
+        return [sys.executable, os.path.join(ROOT, self.script), *self.args]
 
 # -----------------------------------------------------------------------------
 # The plan: every run of every stage, from T and the chosen lr
@@ -135,80 +143,81 @@ class Run:
 
 class Plan:
 
-    def __init__(self, scale, train_windows):
-        self.scale = scale
-        self.teacher_steps = train_windows // scale['teacher_batch']
-        if scale['teacher_steps']:
-            self.teacher_steps = min(self.teacher_steps, scale['teacher_steps'])
-        self.T = self.teacher_steps * scale['teacher_batch'] * scale['block_size']
+    def __init__(self, train_windows):
+        self.teacher_steps = min(train_windows // teacher_batch, teacher_steps or math.inf)
+        self.T = self.teacher_steps * teacher_batch * block_size
         # every fine-tune (and run at a fraction of T below 1) takes this many steps
-        self.finetune_steps = self.T // (16 * scale['finetune_batch'] * scale['block_size'])
-        if self.finetune_steps < 1:
-            raise SystemExit(f"error: {data_dir} holds too little train data for a fine-tune of T/64 tokens: "
-                             f"T = {self.T} tokens; build more data (--corpus_mb)")
+        self.finetune_steps = self.T // (16 * finetune_batch * block_size)
+        configurator.check(self.finetune_steps >= 1, 'data_dir', data_dir, f"it holds too little train data for a "
+                           f"fine-tune of T/16 tokens (T = {self.T} tokens): build more (--corpus_mb)")
+        # the teacher's schedule, scratch_t's too: an eval at T/16, a control
+        self.pretraining = dict(steps=self.teacher_steps, batch=teacher_batch, warmup=max(1, self.teacher_steps // 50),
+                                eval_interval=max(1, self.teacher_steps // 16))
 
-    def run(self, name, arm, seed, fraction, lr, *args, steps=None, batch=None, warmup=None, eval_interval=None,
-            transfer_tokens=0):
-        s = self.scale
-        batch = batch or round(s['finetune_batch'] * fraction * 16)
+    def run(self, name, arm, seed, fraction, lr, *args, steps=0, batch=0, script='train.py', transfer=None, **changes):
+        """A run of script with the settings every run shares, then changes and args."""
+        batch = batch or round(finetune_batch * fraction * 16)
         steps = steps or self.finetune_steps
-        micro = min(s['micro_batch'], batch)
-        settings = dict(out_dir=os.path.join(out_dir, name), data_dir=data_dir, block_size=s['block_size'],
-                        batch_size=batch * s['block_size'], micro_batch_size=micro, eval_iters=s['eval_windows'] // micro,
-                        max_iters=steps, warmup=warmup or max(1, steps // 20), lr=lr, seed=seed, feature_seed=seed,
-                        eval_interval=eval_interval or steps, log_interval=max(1, steps // 10))
-        if transfer_tokens:
-            settings.update(transfer_tokens=transfer_tokens, transfer_lr=transfer_lr)
-        return Run(name, arm, seed, fraction, steps, batch, lr, steps * batch * s['block_size'],
-                   [f'--{k}={v}' for k, v in settings.items()] + list(args), transfer_tokens)
+        micro = min(micro_batch, batch)
+        settings = dict(out_dir=os.path.join(out_dir, name), data_dir=data_dir, block_size=block_size,
+                        batch_size=batch * block_size, micro_batch_size=micro, lr=lr, seed=seed, dtype=dtype,
+                        log_interval=max(1, steps // 10))
+        if script == 'train.py':
+            settings.update(eval_iters=eval_windows // micro, max_iters=steps, warmup=max(1, steps // 20),
+                            eval_interval=steps)
+        settings.update(changes)
+        return Run(name, arm, seed, fraction, steps, batch, lr, [f'--{k}={v}' for k, v in settings.items()] + list(args),
+                   script, transfer)
 
     def teacher(self):
-        s = self.scale
-        return self.run('teacher', 'teacher', 1, 1.0, teacher_lr, f"--model={s['model']}", '--attention=softmax',
-                        steps=self.teacher_steps, batch=s['teacher_batch'], warmup=max(1, self.teacher_steps // 50),
-                        eval_interval=max(1, self.teacher_steps // 16))  # an eval at T/16: a control
+        return self.run('teacher', 'teacher', 1, 1.0, teacher_lr, f'--model={model}', '--attention=softmax',
+                        **self.pretraining)
 
     def scratch(self, fraction):
         """DiJiang (qmc) from scratch: on T tokens as the teacher, or on a fraction as the fine-tunes."""
-        name = 'scratch_t' if fraction == 1 else f'scratch_t{round(1 / fraction)}'
-        args = [f"--model={self.scale['model']}", '--attention=dijiang', '--feature_map=qmc']
+        args = f'--model={model}', '--attention=dijiang', '--feature_map=qmc', '--feature_seed=1'
         if fraction == 1:
-            teacher = self.teacher()
-            return self.run(name, name, 1, 1.0, teacher_lr, *args, steps=teacher.steps, batch=teacher.batch,
-                            warmup=max(1, teacher.steps // 50), eval_interval=max(1, teacher.steps // 16))
+            return self.run('scratch_t', 'scratch_t', 1, 1.0, teacher_lr, *args, **self.pretraining)
+        name = f'scratch_t{round(1 / fraction)}'
         return self.run(f'{name}-s1', name, 1, fraction, teacher_lr, *args)
 
+    def transfer(self, seed):
+        """transfer.py: the teacher linearized (qmc, seed), its DiJiang layers fitted to its attention on
+        T/160 tokens, in whole steps of a fine-tune's batch at T/16."""
+        steps = max(1, math.ceil(TRANSFER_FRACTION * self.T / (finetune_batch * block_size)))
+        return self.run(f'transfer-s{seed}-lr{transfer_lr:g}', 'transfer', seed, TRANSFER_FRACTION, transfer_lr,
+                        f"--init_from={os.path.join(out_dir, 'teacher')}", '--feature_map=qmc', f'--feature_seed={seed}',
+                        f'--transfer_tokens={steps * finetune_batch * block_size}', steps=steps, batch=finetune_batch,
+                        script='transfer.py')
+
     def finetune(self, arm, seed, fraction, lr):
-        """The teacher linearized with feature map `arm` (transfer: qmc after an attention transfer), or
-        continued as softmax (teacher_continued), and trained on fraction * T tokens at lr."""
+        """The teacher linearized with feature map `arm` (transfer: qmc, from the attention transfer's
+        model), or continued as softmax (teacher_continued), and trained on fraction * T tokens at lr."""
         name = f'{arm}-t{round(1 / fraction)}-s{seed}-lr{lr:g}'
-        source = f"--init_from={os.path.join(out_dir, 'teacher')}"
+        teacher = f"--init_from={os.path.join(out_dir, 'teacher')}"
         if arm == 'teacher_continued':
-            return self.run(name, arm, seed, fraction, lr, source, '--attention=softmax')
-        feature_map = 'qmc' if arm == 'transfer' else arm
-        transfer_tokens = round(TRANSFER_FRACTION * self.T) if arm == 'transfer' else 0
-        return self.run(name, arm, seed, fraction, lr, source, '--attention=dijiang', f'--feature_map={feature_map}',
-                        transfer_tokens=transfer_tokens)
+            return self.run(name, arm, seed, fraction, lr, teacher, '--attention=softmax')
+        if arm == 'transfer':  # its DiJiang layers are the transfer's: it brings its feature map and seed
+            transfer = self.transfer(seed)
+            return self.run(name, arm, seed, fraction, lr, f'--init_from={transfer.dir}', '--attention=dijiang',
+                            transfer=transfer)
+        return self.run(name, arm, seed, fraction, lr, teacher, '--attention=dijiang', f'--feature_map={arm}',
+                        f'--feature_seed={seed}')
 
     def stage(self, name, lr=None):
-        """The runs of one stage; lr is the chosen fine-tune lr (the stages after 'lr')."""
-        if name == 'teacher':
-            return [self.teacher()]
-        if name == 'scratch':
-            return [self.scratch(1.0), self.scratch(T16)]
-        if name == 'lr':
-            return [self.finetune('qmc', 1, T16, candidate) for candidate in lrs]
-        if name == 'arms':
-            return [self.finetune(arm, seed, T16, lr) for arm in (*FEATURE_MAPS, 'transfer') for seed in SEEDS]
-        if name == 'controls':
-            return [self.finetune('teacher_continued', 1, T16, lr)]
-        if name == 'recovery':
-            return [self.finetune(arm, 1, fraction, lr) for arm in ('qmc', 'identity') for fraction in RECOVERY_FRACTIONS]
-        return []
+        """The runs of one stage, each after the transfer it starts from; lr is the chosen fine-tune lr."""
+        runs = {'teacher': lambda: [self.teacher()],
+                'scratch': lambda: [self.scratch(1.0), self.scratch(T16)],
+                'lr': lambda: [self.finetune('qmc', 1, T16, candidate) for candidate in lrs],
+                'arms': lambda: [self.finetune(arm, seed, T16, lr) for arm in (*FEATURE_MAPS, 'transfer') for seed in SEEDS],
+                'controls': lambda: [self.finetune('teacher_continued', 1, T16, lr)],
+                'recovery': lambda: [self.finetune(arm, 1, fraction, lr) for arm in ('qmc', 'identity')
+                                     for fraction in RECOVERY_FRACTIONS],
+                'report': lambda: []}[name]()
+        return [run.transfer for run in runs if run.transfer] + runs
 
     def new_runs(self, lr):
-        """Each stage's runs that no earlier stage trains (arms reuse lr's qmc seed 1): what each
-        stage costs."""
+        """Each stage's runs that no earlier stage trains (arms reuse lr's qmc seed 1): what each stage costs."""
         seen, stages = set(), {}
         for name in STAGES[:-1]:
             stages[name] = [run for run in self.stage(name, lr) if run.name not in seen]
@@ -216,115 +225,149 @@ class Plan:
         return stages
 
 # -----------------------------------------------------------------------------
-# Running train.py processes
+# Running the runs
 
 
-def read_log(run):
+def read_json(path):
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_json(path, value):
+    atomic_write_text(path, json.dumps(value, indent=2) + '\n')
+
+
+def val_at(run, step):
+    """The log row of a train.py run's eval at step, or None."""
     path = os.path.join(run.dir, 'log.jsonl')
     if not os.path.isfile(path):
-        return []
+        return None
     with open(path) as f:
-        return [json.loads(line) for line in f]
+        rows = [json.loads(line) for line in f]
+    return next((row for row in rows if row['step'] == step and 'val_loss' in row), None)
 
 
-def val_row(run, step):
-    """The log row of run's eval at step, or None."""
-    return next((row for row in read_log(run) if row['step'] == step and 'val_loss' in row), None)
+def final_val(run):
+    return val_at(run, run.steps)
+
+
+def same_settings(run):
+    """Whether run's folder was last started with run's settings (run.json holds its command), wherever
+    out_dir is: its runs' folders are compared by name."""
+    def settings(args):
+        return [f"--init_from={os.path.basename(arg.partition('=')[2])}" if arg.startswith('--init_from=') else arg
+                for arg in args if not arg.startswith('--out_dir=')]
+    return settings(read_json(os.path.join(run.dir, 'run.json')).get('command', [])[2:]) == settings(run.args)
 
 
 def finished(run):
-    return val_row(run, run.steps) is not None
-
-
-def run_info(run):
-    return read_json(os.path.join(run.dir, 'run.json'))
+    """A train.py run whose log holds its last eval, or a transfer that wrote its model (at its end),
+    with this plan's settings: a changed setting (the transfer's lr, say) trains it again."""
+    if run.script == 'transfer.py':
+        return os.path.isfile(os.path.join(run.dir, 'ckpt.pt')) and same_settings(run)
+    return final_val(run) is not None and same_settings(run)
 
 
 def launch(run, threads):
-    """Start run's train.py; a run stopped after a checkpoint, with the same command, resumes from it.
-    Returns a handle with poll() and returncode, as subprocess.Popen's."""
+    """Start run's script; a train.py run stopped after a checkpoint, with the same settings, resumes
+    from it. Returns a handle with poll(), terminate() and wait(), as subprocess.Popen's, and whether
+    it resumed."""
     os.makedirs(run.dir, exist_ok=True)
     command = run.command()
-    resume = os.path.isfile(os.path.join(run.dir, 'ckpt.pt')) and run_info(run).get('command') == command
+    resume = run.script == 'train.py' and os.path.isfile(os.path.join(run.dir, 'ckpt.pt')) and same_settings(run)
     if not resume:
         write_json(os.path.join(run.dir, 'run.json'), dict(command=command))
-    # a run started afresh replaces what an earlier command of another shape left in its folder
+    # a run started afresh replaces what a stopped run of another command left in its folder
     argv = command[:2] + ['--init_from=resume', f'--out_dir={run.dir}'] if resume else command + ['--overwrite=True']
+    argv.append(f'--cpu_threads={threads}')  # how the cores are shared out is not part of the run
     out_path = os.path.join(run.dir, 'train.out')
     with open(out_path, 'a') as out:
         out.write(f"\n$ {' '.join(argv)}\n")
     if preload:
-        return Forked(argv, out_path, threads), resume
-    env = {**os.environ, 'OMP_NUM_THREADS': os.environ.get('OMP_NUM_THREADS', str(threads))}
+        return Forked(argv, out_path), resume
     with open(out_path, 'a') as out:
-        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env), resume
+        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT), resume
 
 
 class Forked:
-    """`python train.py ...` run in a fork of this process, which has imported torch already."""
+    """`python script ...` run in a fork of this process, which has imported torch already."""
 
-    def __init__(self, argv, out_path, threads):
-        import torch._dynamo  # noqa: F401  (train.py's first AdamW imports it: seconds a fork need not spend)
+    def __init__(self, argv, out_path):
+        # imported here once, not in every fork: train.py's modules (transfer.py's are train.py's), and
+        # torch._dynamo, which train.py's first AdamW step imports
+        import torch._dynamo  # noqa: F401
+        import train  # noqa: F401
         sys.stdout.flush()  # or the child would write this process's buffered output again
-        self.process = multiprocessing.get_context('fork').Process(target=self.main, args=(argv, out_path, threads))
+        self.process = multiprocessing.get_context('fork').Process(target=self.main, args=(argv, out_path))
         self.process.start()
 
     @staticmethod
-    def main(argv, out_path, threads):
+    def main(argv, out_path):
         out = os.open(out_path, os.O_WRONLY | os.O_APPEND)
         os.dup2(out, 1)
         os.dup2(out, 2)
-        import torch
-        torch.set_num_threads(threads)
         sys.argv = argv[1:]
-        runpy.run_path(argv[1], run_name='__main__')  # a SystemExit's message goes to stderr, as from python
+        runpy.run_path(argv[1], run_name='__main__')
 
     def poll(self):
         return self.process.exitcode
 
-    @property
-    def returncode(self):
-        return self.process.exitcode
+    def terminate(self):
+        self.process.terminate()
+
+    def wait(self):
+        self.process.join()
 
 
 def execute(runs):
     """Train the runs not finished yet, `parallel` at a time, longest first (so the pool drains
-    together); returns how many it trained. Stops with one line naming the runs that failed, after
-    the others are done."""
+    together), each once the transfer it starts from is done; returns how many it trained. Stops with
+    one line naming the runs that failed, after the others are done. Stopped itself (Ctrl-C, SIGTERM),
+    it stops its runs first."""
     todo = sorted((run for run in runs if not finished(run)), key=lambda run: -run.tokens)
-    done = len(runs) - len(todo)
-    if done:
-        print(f"{done} of {len(runs)} runs already finished: skipped")
-    trained = len(todo)
+    if len(todo) < len(runs):
+        print(f"{len(runs) - len(todo)} of {len(runs)} runs already finished: skipped")
     if todo:  # the report names the machine the runs trained on, wherever it is written
         write_json(os.path.join(out_dir, 'machine.json'), machine())
-    threads = max(1, (os.cpu_count() or 1) // parallel)
+    trained, threads = len(todo), max(1, (os.cpu_count() or 1) // parallel)
     active, failed = {}, []
-    while todo or active:
-        while todo and len(active) < parallel:
-            run = todo.pop(0)
-            process, resumed = launch(run, threads)
-            active[run.name] = (run, process, time.time())
-            print(f"start {run.name}: {run.steps} steps, {run.tokens:,} tokens{' (resumed)' if resumed else ''}",
-                  flush=True)
-        time.sleep(0.2)
-        for name, (run, process, t0) in list(active.items()):
-            if process.poll() is None:
-                continue
-            del active[name]
-            wall = time.time() - t0
-            write_json(os.path.join(run.dir, 'run.json'), dict(run_info(run), wall_s=round(wall, 1),
-                                                                returncode=process.returncode))
-            row = val_row(run, run.steps)
-            if process.returncode or row is None:
-                failed.append(run)
-                print(f"FAILED {name} after {wall:.0f} s: {last_line(run)}", flush=True)
-            else:
-                ood = f", val_ood {row['val_loss_ood']:.4f}" if 'val_loss_ood' in row else ''
-                print(f"done {name} in {wall:.0f} s: val {row['val_loss']:.4f}{ood}", flush=True)
+    try:
+        while todo or active:
+            ready = [run for run in todo if run.transfer is None or finished(run.transfer)]
+            if not ready and not active:  # what is left starts from transfers that failed
+                failed += [(run, f'not started: {run.transfer.name} failed') for run in todo]
+                break
+            for run in ready[:parallel - len(active)]:
+                todo.remove(run)
+                process, resumed = launch(run, threads)
+                active[run.name] = (run, process, time.time())
+                print(f"start {run.name}: {run.steps} steps, {run.tokens:,} tokens{' (resumed)' if resumed else ''}",
+                      flush=True)
+            time.sleep(0.2)
+            for name, (run, process, t0) in list(active.items()):
+                if process.poll() is None:
+                    continue
+                del active[name]
+                wall = time.time() - t0
+                info_path = os.path.join(run.dir, 'run.json')
+                write_json(info_path, dict(read_json(info_path), wall_s=round(wall, 1), returncode=process.poll()))
+                if process.poll() or not finished(run):
+                    failed.append((run, last_line(run)))
+                    print(f"FAILED {name} after {wall:.0f} s: {last_line(run)}", flush=True)
+                else:
+                    row = final_val(run) or {}
+                    val = f": val {row['val_loss']:.4f}" if row else ''
+                    val += f", val_ood {row['val_loss_ood']:.4f}" if 'val_loss_ood' in row else ''
+                    print(f"done {name} in {wall:.0f} s{val}", flush=True)
+    finally:  # a stop here (Ctrl-C, SIGTERM) stops the runs too, each finishing a checkpoint it is writing
+        for run, process, _ in active.values():
+            process.terminate()
+            process.wait()
     if failed:
-        raise SystemExit(f"error: {len(failed)} run(s) failed: " + '; '.join(
-            f"{run.name} ({os.path.join(run.dir, 'train.out')}: {last_line(run)})" for run in failed))
+        raise ValueError(f"{len(failed)} run(s) failed: " + '; '.join(
+            f"{run.name} ({os.path.join(run.dir, 'train.out')}: {why})" for run, why in failed))
     return trained
 
 
@@ -333,22 +376,21 @@ def last_line(run):
         lines = [line.strip() for line in f if line.strip()]
     return lines[-1] if lines else 'no output'
 
-
-def write_json(path, value):
-    atomic_write_text(path, json.dumps(value, indent=2) + '\n')
-
 # -----------------------------------------------------------------------------
 # Results and the verdict
 
 
 def result(run):
     """What the report holds of a run: the plan, its final val on both splits, its wall time."""
-    row = val_row(run, run.steps) or {}
-    info = run_info(run)
+    row = final_val(run) if finished(run) else {}
+    info = read_json(os.path.join(run.dir, 'run.json'))
+    transfer = dict(transfer_tokens=run.transfer.tokens if run.transfer else 0)
+    if run.transfer:
+        transfer['transfer_wall_s'] = read_json(os.path.join(run.transfer.dir, 'run.json')).get('wall_s')
     return dict(name=run.name, arm=run.arm, seed=run.seed, fraction=run.fraction, tokens=run.tokens, steps=run.steps,
-                batch_tokens=run.tokens // run.steps, lr=run.lr,
-                transfer_tokens=run.transfer_tokens, val_loss=row.get('val_loss'), val_loss_ood=row.get('val_loss_ood'),
-                wall_s=info.get('wall_s'), tokens_per_s=row.get('tokens_per_s'), command=' '.join(['python train.py', *run.args]))
+                batch_tokens=run.tokens // run.steps, lr=run.lr, **transfer, val_loss=row.get('val_loss'),
+                val_loss_ood=row.get('val_loss_ood'), wall_s=info.get('wall_s'), tokens_per_s=row.get('tokens_per_s'),
+                command=' '.join(['python', run.script, *run.args]))
 
 
 def choose_lr(plan):
@@ -356,9 +398,9 @@ def choose_lr(plan):
     runs = plan.stage('lr')
     missing = [run.name for run in runs if not finished(run)]
     if missing:
-        raise SystemExit(f"error: the lr stage has not finished ({', '.join(missing)}): run --stage=lr first")
-    candidates = [dict(lr=run.lr, val_loss=val_row(run, run.steps)['val_loss'],
-                       val_loss_ood=val_row(run, run.steps).get('val_loss_ood')) for run in runs]
+        raise ValueError(f"the lr stage has not finished ({', '.join(missing)}): run --stage=lr first")
+    candidates = [dict(lr=run.lr, val_loss=final_val(run)['val_loss'], val_loss_ood=final_val(run).get('val_loss_ood'))
+                  for run in runs]
     chosen = min(candidates, key=lambda c: (c['val_loss'], c['lr']))['lr']
     return dict(candidates=candidates, chosen=chosen,
                 rule='the lower final val_loss of qmc, seed 1, at T/16; kept for every fine-tune')
@@ -413,7 +455,6 @@ def orderings(runs_by_arm, metric):
 
 
 def machine():
-    import torch
     try:
         commit = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     except OSError:
@@ -426,7 +467,7 @@ def machine():
 def fmt(values):
     values = [v for v in values if v is not None]
     if not values:
-        return 'n/a'
+        return 'not finished'
     mean, sd = mean_std(values)
     return f"{mean:.4f} ± {sd:.4f}" if len(values) > 1 else f"{mean:.4f}"
 
@@ -435,10 +476,12 @@ def report(plan, stage_walls):
     lr_choice = choose_lr(plan)
     lr = lr_choice['chosen']
     teacher_run = plan.teacher()
-    runs = list({run.name: run for name in ('scratch', 'arms', 'controls', 'recovery') for run in plan.stage(name, lr)}.values())
-    missing = [run.name for run in [teacher_run, *runs] if not finished(run)]
+    stage_of = {run.name: name for name, runs in plan.new_runs(lr).items() for run in runs}
+    runs = list({run.name: run for name in ('scratch', 'arms', 'controls', 'recovery') for run in plan.stage(name, lr)
+                 if run.script == 'train.py'}.values())
+    missing = [dict(name=run.name, stage=stage_of[run.name]) for run in [teacher_run, *runs] if not finished(run)]
     t16_step = max(1, plan.teacher_steps // 16)  # the teacher's eval_interval
-    at_t16 = val_row(teacher_run, t16_step) or {}
+    at_t16 = val_at(teacher_run, t16_step) or {}
     teacher = dict(result(teacher_run), at_t16=dict(step=t16_step, tokens=t16_step * teacher_run.tokens // teacher_run.steps,
                                                      val_loss=at_t16.get('val_loss'), val_loss_ood=at_t16.get('val_loss_ood'),
                                                      note="the teacher's eval after ~T/16 tokens, mid-schedule (lr not decayed)"))
@@ -450,19 +493,21 @@ def report(plan, stage_walls):
     scratch_t = next(r for r in results if r['arm'] == 'scratch_t')
     # the verdict rests on the teacher, the qmc arm and scratch_t alone; other missing runs are listed
     needed = [teacher_run.name, plan.scratch(1.0).name] + [plan.finetune('qmc', seed, T16, lr).name for seed in SEEDS]
-    if set(needed) & set(missing):
+    if set(needed) & {m['name'] for m in missing}:
         outcome = dict(outcome='incomplete')
     else:
-        outcome = verdict(teacher['val_loss'], by_arm['qmc'], scratch_t['val_loss'], plan.scale['min_steps'])
+        outcome = verdict(teacher['val_loss'], by_arm['qmc'], scratch_t['val_loss'], min_steps)
+    if smoke and outcome['outcome'] != 'incomplete':
+        outcome.update(outcome='meaningless', rules_give=outcome['outcome'],
+                       note='a smoke run: toy models trained for a few steps say nothing of the claim')
     outcome['missing_runs'] = missing
     summary = dict(
         claim="a softmax model linearized to DiJiang and fine-tuned on T/16 tokens comes back close to the original",
         teacher=teacher, runs=results, lr_choice=lr_choice, verdict=outcome,
         orderings=orderings(by_arm, 'val_loss') + orderings(by_arm, 'val_loss_ood'),
-        planned_tokens={name: sum(run.tokens + run.transfer_tokens for run in runs) for name, runs in plan.new_runs(lr).items()},
-        stage_wall_s=stage_walls, machine=read_json(os.path.join(out_dir, 'machine.json')) or machine(), scale=plan.scale, smoke=smoke,
-        settings={name: globals()[name] for name in SETTINGS},
-        commands=stage_commands())
+        planned_tokens={name: sum(run.tokens for run in runs) for name, runs in plan.new_runs(lr).items()},
+        stage_wall_s=stage_walls, machine=read_json(os.path.join(out_dir, 'machine.json')) or machine(), smoke=smoke,
+        settings={name: globals()[name] for name in SETTINGS}, commands=stage_commands())
     os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
     write_json(json_path, summary)
     print(f"\nwrote {json_path}")
@@ -472,7 +517,7 @@ def report(plan, stage_walls):
         draw_plot(summary, plot_path)
         print(f"wrote {plot_path}")
     except ImportError:
-        print("no plot: matplotlib is not installed")
+        print("no plot: matplotlib is not installed (pip install matplotlib)")
     return summary
 
 
@@ -492,15 +537,19 @@ def print_table(summary):
         groups.setdefault((r['arm'], r['fraction']), []).append(r)
     for (arm, fraction), rs in groups.items():
         label = f"1/{round(1 / fraction)}" if fraction < 1 else '1'
+        tokens = f"{rs[0]['tokens']:,}" + (f" + {rs[0]['transfer_tokens']:,}" if rs[0]['transfer_tokens'] else '')
         print(f"| {arm} | {label} | {len(rs)} | {fmt([r['val_loss'] for r in rs])} | "
-              f"{fmt([r['val_loss_ood'] for r in rs])} | {rs[0]['steps']} | {rs[0]['tokens']:,} |")
+              f"{fmt([r['val_loss_ood'] for r in rs])} | {rs[0]['steps']} | {tokens} |")
     v = summary['verdict']
     print(f"\nverdict: {v['outcome']}")
-    if v['outcome'] != 'incomplete':
+    if v['outcome'] == 'meaningless':
+        print(f"  {v['note']} (its rules give '{v['rules_give']}')")
+    if 'gaps' in v:
         print(f"  qmc at T/16: {v['qmc_mean_val_loss']:.4f} (gap to the teacher {v['gap_mean']:+.4f}; per seed "
               f"{', '.join(f'{g:+.4f}' for g in v['gaps'])}); scratch_t {v['scratch_t_val_loss']:.4f}")
-    else:
-        print(f"  missing runs: {', '.join(v['missing'])}")
+    if v['missing_runs']:
+        missing = [f"{run['name']} (--stage={run['stage']})" for run in v['missing_runs']]
+        print(f"  not finished: {', '.join(missing)}")
     for o in summary['orderings']:
         if o['claimed']:
             other = o['b'] if o['lower'] == o['a'] else o['a']
@@ -557,86 +606,106 @@ def draw_plot(summary, path):
 
 def stage_commands():
     given = ' '.join(arg for arg in sys.argv[1:] if not arg.startswith('--stage='))
-    prepare = (f"python data/prepare.py --corpus=packages --corpus_mb={corpus_mb:g} --out_dir={data_dir}  "
-               "# run by --stage=teacher when missing")
-    return [prepare] + [f"python experiments/miniature.py --stage={name} {given}".rstrip() for name in STAGES]
+    prepare = (f"python data/packages/prepare.py --corpus_mb={corpus_mb:g} --out_dir={data_dir}  "
+               "# run by the first stage when missing")
+    return [prepare] + [f"python experiments/miniature.py {given} --stage={name}".replace('  ', ' ') for name in STAGES]
 
 
-def read_json(path):
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
+def train_windows():
+    """The train split's windows of block_size, building the data first when it is missing."""
+    if not os.path.isfile(os.path.join(data_dir, 'prepare.json')):
+        from data.packages.prepare import build
+        build(corpus_mb=corpus_mb, out_dir=data_dir)
+    return Shards(data_dir, 'train', block_size).num_windows
 
 
-def ensure_data():
-    if os.path.isfile(os.path.join(data_dir, 'prepare.json')):
-        return
-    command = [sys.executable, os.path.join(ROOT, 'data', 'prepare.py'), '--corpus=packages', f'--corpus_mb={corpus_mb:g}',
-               f'--out_dir={data_dir}']
-    print(f"building the data: {' '.join(command[1:])}", flush=True)
-    if subprocess.run(command).returncode:
-        raise SystemExit(f"error: data/prepare.py failed building {data_dir} (its message is above)")
+def refuse_without_gpu(plan):
+    """One line: the experiment on this CPU, at the speed of one timed training step of the teacher's
+    shape (a lower bound: no optimizer step, no evals)."""
+    from dijiang import GPT, GPTConfig
+    gpt = GPT(GPTConfig.named(model, attention='softmax', block_size=block_size, vocab_size=256))
+    x = torch.zeros(1, block_size, dtype=torch.long)
+    print(f"no CUDA GPU: timing a training step of the {model} teacher on this CPU", flush=True)
+    for _ in range(2):  # the first step warms up
+        t0 = time.time()
+        gpt(x, x)[1].backward()
+    speed = block_size / (time.time() - t0)
+    tokens = sum(run.tokens for runs in plan.new_runs(lrs[-1]).values() for run in runs)
+    hours = tokens / speed / 3600
+    raise ValueError(f"no CUDA GPU: the experiment trains {tokens:,} tokens, and this CPU ({os.cpu_count()} cores) "
+                     f"trains the {model} teacher at {speed:,.0f} tokens/s (one step timed), so it would take at least "
+                     f"{hours:,.1f} hours here ({hours / 24:,.1f} days): run it on a GPU, or test the pipeline at toy "
+                     "scale with python experiments/miniature.py config/miniature_smoke.py")
 
 
 def print_budget(plan):
-    print(f"T = {plan.T:,} tokens (teacher: {plan.teacher_steps} steps of {plan.scale['teacher_batch']} x "
-          f"{plan.scale['block_size']}); every fine-tune {plan.finetune_steps} steps")
-    if plan.finetune_steps < plan.scale['min_steps']:
-        print(f"warning: fine-tunes of {plan.finetune_steps} steps, fewer than {plan.scale['min_steps']}: the verdict "
+    print(f"T = {plan.T:,} tokens (teacher: {plan.teacher_steps} steps of {teacher_batch} x {block_size}); every "
+          f"fine-tune {plan.finetune_steps} steps")
+    if plan.finetune_steps < min_steps:
+        print(f"warning: fine-tunes of {plan.finetune_steps} steps, fewer than min_steps={min_steps}: the verdict "
               "cannot be 'not reproduced'; build more data (--corpus_mb)")
-    print(f"planned, at an assumed {tokens_per_s / 1e6:.1f}M tokens/s over {parallel} parallel runs:")
+    print("planned" + (" (a smoke run: no time estimates)" if smoke else
+                       f", at an assumed {tokens_per_s / 1e6:.2f}M tokens/s over {parallel} parallel runs") + ':')
     total = 0
     for name, runs in plan.new_runs(lrs[-1]).items():  # the tokens do not depend on the lr
-        tokens = sum(run.tokens + run.transfer_tokens for run in runs)
+        tokens = sum(run.tokens for run in runs)
         estimate = tokens / tokens_per_s + math.ceil(len(runs) / parallel) * STARTUP_S
         total += estimate
-        print(f"  {name:<9} {len(runs):>2} runs, {tokens:>13,} tokens, about {estimate / 60:.1f} min")
-    print(f"  all        about {total / 60:.1f} min (runs already finished are skipped)", flush=True)
+        print(f"  {name:<9} {len(runs):>2} runs, {tokens:>13,} tokens" + ('' if smoke else f", about {estimate / 60:.1f} min"))
+    if not smoke:
+        print(f"  all        about {total / 60:.1f} min (runs already finished are skipped)")
+    sys.stdout.flush()
+
+
+def print_identity_path():
+    """On a GPU: whether the identity map's runs take the fused kernels, which need bf16 inputs (train.py's
+    bfloat16 autocast gives them), or the PyTorch chunk loop, several times slower."""
+    from dijiang import DiJiangAttention, GPTConfig, pick_device
+    device, run_dtype = pick_device('auto', dtype)
+    config = GPTConfig.named(model, feature_map='identity', block_size=block_size, vocab_size=256)
+    q = torch.zeros(1, config.chunk_size, config.n_head, config.head_size, device=device, dtype=run_dtype)
+    if DiJiangAttention(config, 0).to(device).uses_triton(q):
+        print(f"the identity map's runs: the fused Triton kernels ({run_dtype})", flush=True)
+    else:
+        print(f"warning: the identity map's runs take the PyTorch chunk loop, not the fused kernels (head size "
+              f"{config.head_size}, {run_dtype}: see fast/triton_attention.supports); they take several times longer",
+              flush=True)
 
 
 def main():
-    if stage not in (*STAGES, 'all'):
-        raise SystemExit(f"error: stage={stage!r}: choose one of {', '.join(STAGES)} or all")
-    if parallel < 1 or not lrs:
-        raise SystemExit(f"error: parallel={parallel}, lrs={lrs}: need parallel >= 1 and at least one lr")
-    scale = SMOKE if smoke else FULL
+    configurator.check(stage in (*STAGES, 'all'), 'stage', stage, f"choose one of {', '.join(STAGES)} or all")
+    configurator.check(parallel >= 1, 'parallel', parallel, 'give 1 or more')
+    configurator.check(len(lrs) >= 1, 'lrs', lrs, 'give at least one lr')
+    gpu = torch.cuda.is_available()
+    if not gpu and not smoke and stage != 'report':
+        have_data = os.path.isfile(os.path.join(data_dir, 'prepare.json'))  # else about a token per byte of text
+        refuse_without_gpu(Plan(train_windows() if have_data else int(corpus_mb * 1e6) // block_size))
     # the report needs only what the runs saved: with the data gone, the plan's size comes from there
     saved_plan = read_json(os.path.join(out_dir, 'plan.json'))
     if stage == 'report' and saved_plan and not os.path.isfile(os.path.join(data_dir, 'prepare.json')):
-        train_windows = saved_plan['train_windows']
+        windows = saved_plan['train_windows']
     else:
-        ensure_data()
-        try:
-            train_windows = Shards(data_dir, 'train', scale['block_size']).num_windows
-        except ValueError as e:
-            raise SystemExit(f"error: {e}")
+        windows = train_windows()
         os.makedirs(out_dir, exist_ok=True)
-        write_json(os.path.join(out_dir, 'plan.json'), dict(data_dir=data_dir, train_windows=train_windows))
-    plan = Plan(scale, train_windows)
+        write_json(os.path.join(out_dir, 'plan.json'), dict(data_dir=data_dir, train_windows=windows))
+    plan = Plan(windows)
     print_budget(plan)
     walls_path = os.path.join(out_dir, 'stages.json')  # each stage's wall time, for the report
     for name in STAGES if stage == 'all' else (stage,):
         if name not in ('teacher', 'scratch') and not finished(plan.teacher()):
-            raise SystemExit(f"error: the teacher ({plan.teacher().dir}) has not finished: run --stage=teacher first")
+            raise ValueError(f"the teacher ({plan.teacher().dir}) has not finished: run --stage=teacher first")
         if name == 'report':
             return report(plan, read_json(walls_path))
         lr = choose_lr(plan)['chosen'] if name not in ('teacher', 'scratch', 'lr') else None
         print(f"\n== stage {name}", flush=True)
+        if gpu and name in ('arms', 'recovery'):
+            print_identity_path()
         t0 = time.time()
-        os.makedirs(out_dir, exist_ok=True)
         if execute(plan.stage(name, lr)):  # a stage whose runs had all finished keeps its wall time
             # re-read: a --stage=scratch process beside this one writes the same file
             write_json(walls_path, {**read_json(walls_path), name: round(time.time() - t0, 1)})
 
 
 if __name__ == '__main__':
-    overrides = parse_settings(sys.argv[1:], SETTINGS, settings_help(__file__))
-    globals().update(overrides)
-    suffix = '-smoke' if smoke else ''
-    out_dir = out_dir or f'out-miniature{suffix}'
-    data_dir = data_dir or f'data/packages-bytes{suffix}'
-    corpus_mb = corpus_mb or (1.0 if smoke else 160.0)
-    json_path = json_path or (os.path.join(out_dir, 'miniature.json') if smoke else os.path.join('experiments', 'miniature.json'))
-    preload = overrides.get('preload', smoke)
-    main()
+    configurator.run(main, kept=lambda: f"{out_dir}/ keeps every finished run, and a run stopped after a checkpoint "
+                                        "resumes from it: run the same command again")
