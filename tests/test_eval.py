@@ -39,11 +39,11 @@ def tiny_model(attention, tokenizer=BYTES, dtype=torch.float32, **config):
 
 @pytest.fixture(scope='module')
 def quiz(tmp_path_factory):
-    """A local lm-eval task, JSON lines and a YAML: 30 questions of 2-4 choices. Returns (yaml path, docs)."""
+    """A local lm-eval task, JSON lines and a YAML: 12 questions of 2-4 choices. Returns (yaml path, docs)."""
     folder = tmp_path_factory.mktemp('quiz')
     rng = random.Random(0)
     docs = []
-    for _ in range(30):
+    for _ in range(12):
         choices = rng.sample(WORDS, rng.randint(2, 4))
         docs.append(dict(question=' '.join(rng.choices(WORDS, k=rng.randint(2, 5))) + '?', choices=choices,
                          label=rng.randrange(len(choices))))
