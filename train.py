@@ -5,6 +5,8 @@ Train a DiJiang (or softmax) language model on token shards.
     python train.py config/train_finetune.py --init_from=out-pythia-410m --data_dir=data/00-pythia --out_dir=out-dijiang-410m
     python train.py --init_from=resume --out_dir=out    # continue the run in out, bit for bit
     torchrun --standalone --nproc_per_node=N train.py   # DDP on one node, any of the above
+    torchrun --standalone --nproc_per_node=8 train.py --fsdp=True --activation_checkpointing=True ...  # the big sizes
+    python train.py --dry_run=True --model=pythia-6.9b --gpus=8 --fsdp=True --gpu_memory=80  # memory per GPU, no training
     python train.py --help                              # every setting and its default, and the recipes
 
 The settings are the defaults below (the demo's), then any recipes (config/train_*.py), then
@@ -51,7 +53,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
+import checkpoints  # noqa: E402
+import memory as memory_estimate  # noqa: E402
 import ranks  # noqa: E402
+import sharding  # noqa: E402
 from atomic import atomic_write, atomic_write_text, interrupts_deferred  # noqa: E402
 from dijiang import ATTENTIONS, CONFIGS, FEATURE_MAPS, FORMS, GPT, GPTConfig, load_checkpoint, pick_device  # noqa: E402
 from rundir import RunDir, append_log, log_up_to  # noqa: E402
@@ -99,6 +104,13 @@ device = 'auto'  # (r) 'auto' (cuda when available, else cpu), 'cpu' or 'cuda'; 
 dtype = 'auto'  # (r) 'auto' (bfloat16 autocast on CUDA, float32 on CPU), 'bfloat16' or 'float32'
 cpu_threads = 0  # (r) torch threads per process on a CPU; 0 shares the cores out among this machine's ranks
 compile = False  # (r) torch.compile the model
+fsdp = False  # (r) shard weights, gradients and AdamW states over the ranks (FSDP2; under torchrun, 1 rank too)
+cpu_offload = False  # (r) with fsdp: the shards and the optimizer step in CPU memory (slower; for what a GPU cannot hold)
+activation_checkpointing = False  # (r) each block recomputes its activations in the backward pass: less memory
+dry_run = False  # (r) print the memory estimate per GPU and exit, training nothing (on any machine; from scratch, the
+                 # named model's vocabulary)
+gpus = 0  # (r) GPUs the estimate is for; 0: this run's ranks
+gpu_memory = 0.0  # (r) GiB per GPU the estimate is checked against; 0: the GPU's own (on a CPU: no check)
 seed = 1337
 join_timeout = 60  # (r) seconds the ranks wait for each other to start (torchrun); then one line says which is missing
 # -----------------------------------------------------------------------------
@@ -118,21 +130,24 @@ def kept():
 
 
 def last_checkpoint(step):
-    return (f"{os.path.join(out_dir, 'ckpt.pt')} (step {step}) is the last checkpoint; resume with python train.py "
+    name = checkpoints.SHARDED if fsdp else 'ckpt.pt'
+    return (f"{os.path.join(out_dir, name)} (step {step}) is the last checkpoint; resume with python train.py "
             f"--init_from=resume --out_dir={out_dir}")
 
 
-def split_batch(batch_size, block_size, micro_batch_size):
-    """(micro_batch_size, accumulation): micro_batch_size 0 resolved, and the micro-steps per step."""
+def split_batch(batch_size, block_size, micro_batch_size, world_size=0):
+    """(micro_batch_size, accumulation): micro_batch_size 0 resolved, and the micro-steps per step, on
+    world_size ranks (0: this run's)."""
+    world_size = world_size or ranks.world_size
     if micro_batch_size == 0:
-        fits = [m for m in range(16, 0, -1) if batch_size % (m * block_size * ranks.world_size) == 0]
+        fits = [m for m in range(16, 0, -1) if batch_size % (m * block_size * world_size) == 0]
         configurator.check(fits, 'batch_size', batch_size, f"split it evenly into sequences of block_size={block_size} "
-                           f"over {ranks.world_size} rank(s): make it a multiple of {block_size * ranks.world_size}")
+                           f"over {world_size} rank(s): make it a multiple of {block_size * world_size}")
         micro_batch_size = fits[0]
-    accumulation, remainder = divmod(batch_size, micro_batch_size * block_size * ranks.world_size)
+    accumulation, remainder = divmod(batch_size, micro_batch_size * block_size * world_size)
     if remainder or accumulation == 0:
         raise ValueError(f"batch_size={batch_size} tokens is not a multiple of micro_batch_size * block_size * "
-                         f"world_size = {micro_batch_size} * {block_size} * {ranks.world_size}: change one of them")
+                         f"world_size = {micro_batch_size} * {block_size} * {world_size}: change one of them")
     return micro_batch_size, accumulation
 
 
@@ -176,21 +191,6 @@ def check_finite(what, value, step):
         raise ValueError(f"non-finite {what} ({value}) at step {step}: stopped; {status}. Lower --lr or check the data")
 
 
-def rng_state():
-    numpy_state = np.random.get_state()  # ('MT19937', keys uint32 (624,), pos, has_gauss, gauss)
-    return dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                numpy=[numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]],
-                python=random.getstate())
-
-
-def set_rng_state(rng):
-    torch.set_rng_state(rng['torch'])
-    if torch.cuda.is_available() and len(rng['cuda']) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(rng['cuda'])
-    np.random.set_state((rng['numpy'][0], rng['numpy'][1].numpy().astype(np.uint32), *rng['numpy'][2:]))
-    random.setstate(rng['python'])
-
-
 def peak_memory_mib(device):
     if device.startswith('cuda'):
         return torch.cuda.max_memory_allocated() / 2 ** 20
@@ -205,6 +205,34 @@ def print_row(row):
         parts += [f"MFU {100 * row['mfu']:.2f}%"] if 'mfu' in row else []
         parts += [f"peak mem {row['peak_mem_mib']:,.0f} MiB"]
     print(' | '.join(parts), flush=True)
+
+
+def memory_line(gpt, world_size, device):
+    """The memory estimate per GPU, and where it exceeds the GPU, what would fit."""
+    micro = split_batch(batch_size, block_size, micro_batch_size, world_size)[0]
+    bf16 = dtype != 'float32' if dry_run else dtype == 'bfloat16'  # a dry run's 'auto' is a GPU's: bf16
+    capacity = gpu_memory * memory_estimate.GiB or (torch.cuda.get_device_properties(device).total_memory
+                                                    if device.startswith('cuda') else 0)
+    chosen = dict(fsdp=fsdp, cpu_offload=cpu_offload, activation_checkpointing=activation_checkpointing)
+    estimate = memory_estimate.estimate(gpt, block_size, micro, world_size, bf16=bf16, **chosen)
+    options = ', '.join(f"{name}={value}" for name, value in dict(micro_batch_size=micro, block_size=block_size,
+                                                                  **chosen).items())
+    line = memory_estimate.describe(estimate, world_size, f"{'bf16' if bf16 else 'fp32'}, {options}")
+    if capacity and estimate['total'] > capacity:
+        line += '\nnote: ' + memory_estimate.what_fits(gpt, block_size, micro, world_size, bf16, capacity, **chosen)
+    return line
+
+
+def print_estimate(ckpt):
+    """--dry_run=True: the estimate for the model this run would train, built on the meta device."""
+    if ckpt is None:
+        config = GPTConfig.named(model, attention=attention, feature_map=feature_map, feature_seed=feature_seed,
+                                 block_size=block_size)
+    else:
+        config = GPTConfig(**{**ckpt['config'], **({} if init_from == 'resume' else dict(attention=attention))})
+    world_size = gpus or int(os.environ.get('WORLD_SIZE', 1))
+    print(memory_line(memory_estimate.shapes_only(config), world_size, 'cuda' if gpu_memory == 0 and
+                      torch.cuda.is_available() else 'cpu'), flush=True)
 
 
 def check_settings():
@@ -225,12 +253,14 @@ def check_settings():
     configurator.check(bool(out_dir), 'out_dir', out_dir, 'name the folder for the checkpoints and the log')
     configurator.check(init_from != 'resume' or not overwrite, 'overwrite', overwrite,
                        '--init_from=resume continues the run in out_dir; --overwrite=True is for a new run')
+    configurator.check(gpus >= 0 and gpu_memory >= 0, 'gpus', gpus, 'give gpus and gpu_memory >= 0')
+    configurator.check(fsdp or not cpu_offload, 'cpu_offload', cpu_offload, 'it offloads FSDP shards: add --fsdp=True')
 
 
 def resume_settings(ckpt, given):
     """The settings of the run in out_dir, with the command line's (r) changes, said; any other change refused."""
     ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-    if not isinstance(ckpt.get('settings'), dict) or 'optimizer' not in ckpt:
+    if not isinstance(ckpt.get('settings'), dict) or not ('optimizer' in ckpt or 'sharded' in ckpt):
         raise ValueError(f"{ckpt_path} holds a model, not a train.py run to resume: fine-tune it with "
                          f"--init_from={out_dir} and a new --out_dir")
     saved = {name: value for name, value in ckpt['settings'].items() if name in NAMES}
@@ -249,13 +279,12 @@ def main():
     check_settings()
     resume = init_from == 'resume'
     rank_0 = os.environ.get('RANK', '0') == '0'  # (ranks.start tells the ranks apart; the folder is rank 0's before that)
-    with RunDir(out_dir, not resume, overwrite, owner=rank_0 and not eval_only) as run:
+    with RunDir(out_dir, not resume, overwrite, owner=rank_0 and not eval_only and not dry_run) as run:
         ckpt = None  # the checkpoint, read once: the run to resume, or the model to fine-tune
         if resume:
-            ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-            configurator.check(os.path.isfile(ckpt_path), 'init_from', init_from,
-                               f"there is no {ckpt_path} to continue: pass the run's --out_dir, or start a new run")
-            ckpt = load_checkpoint(out_dir)
+            ckpt = checkpoints.latest(out_dir)
+            configurator.check(ckpt is not None, 'init_from', init_from, f"there is no {out_dir}/ckpt.pt or "
+                               f"{out_dir}/{checkpoints.SHARDED}/ to continue: pass the run's --out_dir, or start a new run")
             resume_settings(ckpt, given)
             status = last_checkpoint(ckpt['step'])
         elif init_from != 'scratch':
@@ -264,6 +293,10 @@ def main():
             status = run.status()
         settings = {name: globals()[name] for name in NAMES}  # saved with each checkpoint, with where the model began:
         settings['init_from'] = ckpt['settings'].get('init_from', 'scratch') if resume else init_from
+        if dry_run:
+            return print_estimate(ckpt)
+        configurator.check(not fsdp or 'RANK' in os.environ, 'fsdp', fsdp, "FSDP runs under torchrun: torchrun "
+                           "--standalone --nproc_per_node=N train.py ... (N=1 on one GPU)")
         device = ranks.start(device, cpu_threads, join_timeout)
         dtype = 'bfloat16' if pick_device(device, dtype)[1] == torch.bfloat16 else 'float32'
         with ranks.one_voice(kept):
@@ -312,7 +345,10 @@ def train(run, ckpt, settings, given):
                 configurator.check(name not in given, name, given.get(name), f"{init_from} holds "
                                    "its own model; this applies to a model from scratch, or feature_* to new layers")
         new_layers = dict(feature_map=feature_map, feature_seed=feature_seed) if linearize else {}
-        gpt = GPT.from_state(ckpt, source, form, **({} if resume else dict(attention=attention)), **new_layers)
+        if 'sharded' in ckpt:  # its weights come from the shards, once it is sharded
+            gpt = memory_estimate.shapes_only(GPTConfig(**ckpt['config'])).set_form(form)
+        else:
+            gpt = GPT.from_state(ckpt, source, form, **({} if resume else dict(attention=attention)), **new_layers)
         identity = tokenizer_of(ckpt, source)
         fix = ("resume on the data the run used, or start a new run" if resume else
                f"tokenize with python data/prepare.py --tokenizer={init_from} ...")
@@ -333,19 +369,34 @@ def train(run, ckpt, settings, given):
               f"{micro_batch_size}, block_size={block_size}{each_rank}: lower --micro_batch_size "
               f"(batch_size={batch_size} stays: more micro-steps add up to it), shorten --block_size, or spread the "
               "batch over more ranks (torchrun --nproc_per_node=N)")
-    gpt.to(device=device, dtype=torch.float32)  # fp32 weights (a converted checkpoint may hold bf16); autocast computes in bf16
+    sharded = resume and 'sharded' in ckpt
+    configurator.check(sharded or not (resume and fsdp), 'fsdp', fsdp, f"{out_dir}/ckpt.pt is not sharded: resume "
+                       "it with --fsdp=False")
+    if activation_checkpointing:
+        sharding.checkpoint_blocks(gpt)
+    if not sharded:  # fp32 weights (a converted checkpoint may hold bf16); autocast computes in bf16
+        gpt.to(device='cpu' if fsdp else device, dtype=torch.float32)  # FSDP moves them unit by unit
+    if fsdp:
+        sharding.shard(gpt, dtype == 'bfloat16', cpu_offload)
+    if sharded:
+        sharding.materialize(gpt, device, cpu_offload)
     optimizer = adamw(gpt.parameters(), lr, weight_decay, betas, device)
     start_step, position = 0, 0  # optimizer steps done and windows consumed
+    if master:
+        print(memory_line(gpt, ranks.world_size, device), flush=True)
     if resume:
         start_step, position = ckpt['step'], ckpt['data_position']
         try:
-            optimizer.load_state_dict(ckpt['optimizer'])
-            set_rng_state(ckpt['rng'])
+            if sharded:
+                checkpoints.load_sharded(ckpt['sharded'], gpt, optimizer)
+            else:
+                optimizer.load_state_dict(ckpt['optimizer'])
+            checkpoints.set_rng_state(ckpt['rng'])
         except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
             raise ValueError(f"{os.path.join(out_dir, 'ckpt.pt')}: its optimizer or random state does not fit the model "
                              f"({type(e).__name__}): the file is damaged; restore it, or start a new run") from None
     eval_model = torch.compile(gpt) if compile else gpt
-    train_model = DDP(eval_model, device_ids=[ranks.local_rank] if device.startswith('cuda') else None) if ranks.ddp else eval_model
+    train_model = eval_model if fsdp else sharding.replicate(eval_model, device)
 
     @torch.no_grad()
     def evaluate():
@@ -369,13 +420,14 @@ def train(run, ckpt, settings, given):
         for micro_step in range(accumulation):
             x, y = get_batch(train_data, position, micro_step, micro_batch_size, device)
             last = micro_step == accumulation - 1
-            with (nullcontext() if last or not ranks.ddp else train_model.no_sync()):  # all-reduce grads once, at the last
+            # DDP all-reduces the gradients once, at the last; FSDP reduce-scatters each micro-step's into the shards
+            with (train_model.no_sync() if isinstance(train_model, DDP) and not last else nullcontext()):
                 with autocast:
                     _, loss = train_model(x, y)
                 (loss / accumulation).backward()
             loss_sum += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(gpt.parameters(), grad_clip if grad_clip > 0 else math.inf)
-        return ranks.mean(loss_sum / accumulation), grad_norm.item()
+        grad_norm = sharding.clip_gradients(gpt, grad_clip if grad_clip > 0 else math.inf)
+        return ranks.mean(loss_sum / accumulation), grad_norm
 
     log_path = os.path.join(out_dir, 'log.jsonl')
     if master and not eval_only:
@@ -424,10 +476,12 @@ def train(run, ckpt, settings, given):
             row.update(evaluate())
             check_finite('val loss', row['val_loss'], step)
             with interrupts_deferred():  # a Ctrl-C or SIGTERM now stops the run once the checkpoint is whole
-                if master:  # written whole or not at all (atomic.py): a full disk leaves the last one as it was
-                    gpt.save_checkpoint(out_dir, optimizer=optimizer.state_dict(), step=step, data_position=position,
-                                        tokenizer=identity, settings=settings, rng=rng_state(),
-                                        train_tokens=train_data.num_tokens)
+                state = dict(step=step, data_position=position, tokenizer=identity, settings=settings,
+                             rng=checkpoints.rng_state(), train_tokens=train_data.num_tokens)
+                if fsdp:  # each rank its shards
+                    checkpoints.save_sharded(out_dir, gpt, optimizer, **state)
+                elif master:  # written whole or not at all (atomic.py): a full disk leaves the last one as it was
+                    gpt.save_checkpoint(out_dir, optimizer=optimizer.state_dict(), **state)
                 run.checkpointed()
                 status = last_checkpoint(step)
         if step % log_interval == 0 or 'val_loss' in row:
@@ -439,8 +493,9 @@ def train(run, ckpt, settings, given):
             step_seconds, steps_timed = 0.0, 0
     if master:
         val = f", val loss {row['val_loss']:.4f}" if 'val_loss' in row else ''
-        print(f"the model is in {out_dir}/ (ckpt.pt, step {max_iters}{val}); sample it with: "
-              f"python sample.py --out_dir={out_dir}", flush=True)
+        how = f"python consolidate.py --out_dir={out_dir}, then " if fsdp else ''
+        print(f"the model is in {out_dir}/ ({checkpoints.SHARDED + '/' if fsdp else 'ckpt.pt'}, step {max_iters}{val}); "
+              f"sample it with: {how}python sample.py --out_dir={out_dir}", flush=True)
 
 
 if __name__ == '__main__':

@@ -1,0 +1,120 @@
+"""
+train.py's checkpoints in out_dir, in one of two formats:
+
+- ckpt.pt, one file (dijiang.GPT.save_checkpoint): the model, the optimizer and the run's state. A DDP
+  run (and one process) writes it; sample.py and GPT.from_checkpoint read it.
+- ckpt/, a folder of shards (torch.distributed.checkpoint): an FSDP run's, each rank writing its own
+  pieces of the model and the optimizer, and rank 0 meta.pt, the run's state. It is written as
+  ckpt.tmp/ and renamed into place once every rank is done, the previous one kept as ckpt.old/ for
+  the instant between the renames: a crash leaves one whole checkpoint, never a part of one.
+  `python consolidate.py --out_dir=DIR` turns it into ckpt.pt (for sample.py, or to resume without FSDP).
+
+Either resumes either way (DCP reshards: a sharded checkpoint loads into a DDP run, and back); a run
+resumes from the newer of the two.
+"""
+
+import json
+import os
+import random
+import shutil
+from dataclasses import asdict
+
+import numpy as np
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+import ranks
+from atomic import atomic_write_text
+from dijiang import load_checkpoint
+
+SHARDED, WRITING, PREVIOUS = 'ckpt', 'ckpt.tmp', 'ckpt.old'  # in out_dir
+
+
+def rng_state():
+    numpy_state = np.random.get_state()  # ('MT19937', keys uint32 (624,), pos, has_gauss, gauss)
+    return dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                numpy=[numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]],
+                python=random.getstate())
+
+
+def set_rng_state(rng):
+    torch.set_rng_state(rng['torch'])
+    if torch.cuda.is_available() and len(rng['cuda']) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(rng['cuda'])
+    np.random.set_state((rng['numpy'][0], rng['numpy'][1].numpy().astype(np.uint32), *rng['numpy'][2:]))
+    random.setstate(rng['python'])
+
+
+def sharded_folder(out_dir):
+    """The whole sharded checkpoint in out_dir, or None: ckpt/, or ckpt.old/ when a crash came between the renames."""
+    for name in (SHARDED, PREVIOUS):
+        if os.path.isfile(os.path.join(out_dir, name, 'meta.pt')):
+            return os.path.join(out_dir, name)
+    return None
+
+
+def read_meta(folder):
+    return torch.load(os.path.join(folder, 'meta.pt'), map_location='cpu', weights_only=True)
+
+
+def latest(out_dir):
+    """The checkpoint to resume from, as (the dict: train.py's entries, with 'sharded': its folder if it is
+    one), the newer of ckpt.pt and ckpt/; None when out_dir has neither."""
+    folder, has_file = sharded_folder(out_dir), os.path.isfile(os.path.join(out_dir, 'ckpt.pt'))
+    sharded = dict(read_meta(folder), sharded=folder) if folder else None
+    whole = load_checkpoint(out_dir) if has_file else None
+    if sharded and whole:
+        return sharded if sharded['step'] >= whole['step'] else whole
+    return sharded or whole
+
+
+def save_sharded(out_dir, gpt, optimizer, **meta):
+    """Every rank writes its shards into ckpt.tmp/, rank 0 meta.pt; then rank 0 renames it to ckpt/."""
+    writing, final, previous = (os.path.join(out_dir, name) for name in (WRITING, SHARDED, PREVIOUS))
+    if ranks.rank == 0 and os.path.exists(writing):
+        shutil.rmtree(writing)  # what a killed write left
+    ranks.barrier()
+    model_state, optimizer_state = get_state_dict(gpt, optimizer)
+    try:
+        dcp.save(dict(model=model_state, optimizer=optimizer_state), checkpoint_id=writing)
+        if ranks.rank == 0:
+            torch.save(dict(meta, config=asdict(gpt.config)), os.path.join(writing, 'meta.pt'))
+    except (OSError, RuntimeError, dcp.api.CheckpointException) as e:
+        raise OSError(getattr(e, 'errno', None), f"cannot write the sharded checkpoint ({str(e).strip()[:120]}): make "
+                      "room, or write elsewhere; the earlier checkpoint is as it was", writing) from None
+    ranks.barrier()
+    if ranks.rank == 0:
+        if os.path.isdir(final):
+            if os.path.isdir(previous):
+                shutil.rmtree(previous)
+            os.replace(final, previous)
+        os.replace(writing, final)  # between these two renames ckpt.old/ is the checkpoint
+        if os.path.isdir(previous):
+            shutil.rmtree(previous)
+        atomic_write_text(os.path.join(out_dir, 'config.json'), json.dumps(asdict(gpt.config), indent=2) + '\n')
+    ranks.barrier()
+
+
+def load_sharded(folder, gpt, optimizer):
+    """The model and optimizer of a sharded checkpoint into gpt and optimizer, sharded or not (resharded as needed)."""
+    model_state, optimizer_state = get_state_dict(gpt, optimizer)
+    state = dict(model=model_state, optimizer=optimizer_state)
+    dcp.load(state, checkpoint_id=folder)
+    set_state_dict(gpt, optimizer, model_state_dict=state['model'], optim_state_dict=state['optimizer'])
+
+
+def consolidated(folder):
+    """A sharded checkpoint as the dict of one ckpt.pt: the whole model, and the optimizer keyed by
+    parameter number, as torch's state_dict() has it. Read in this one process (no ranks needed)."""
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner  # as format_utils reads one
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+    state = {}
+    _load_state_dict(state, storage_reader=dcp.FileSystemReader(folder), planner=_EmptyStateDictLoadPlanner(),
+                     no_dist=True)
+    groups = state['optimizer']['param_groups']
+    number = {name: i for i, name in enumerate(name for group in groups for name in group['params'])}
+    optimizer = dict(state={number[name]: value for name, value in state['optimizer']['state'].items()},
+                     param_groups=[dict(group, params=[number[name] for name in group['params']]) for group in groups])
+    meta = read_meta(folder)
+    return dict(config=meta.pop('config'), model=state['model'], optimizer=optimizer, **meta)
