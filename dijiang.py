@@ -645,9 +645,10 @@ def pick_device(device='auto', dtype='auto'):
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     device = ('cuda' if gpus else 'cpu') if device == 'auto' else device
     index = device.removeprefix('cuda').removeprefix(':')
-    if device != 'cpu' and not (device.startswith('cuda') and (index.isdigit() or device == 'cuda') and int(index or 0) < gpus):
-        raise ValueError(f"device={device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N' for one of the {gpus} CUDA GPU(s) "
-                         "torch sees")
+    if device != 'cpu' and not (device == 'cuda' or device.startswith('cuda:') and index.isdigit()):
+        raise ValueError(f"device={device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    if device != 'cpu' and int(index or 0) >= gpus:
+        raise ValueError(f"device={device!r}, but torch sees {gpus} CUDA GPU(s): use --device=cpu, or a GPU it sees")
     if dtype == 'auto':
         dtype = 'bfloat16' if device != 'cpu' and torch.cuda.is_bf16_supported() else 'float32'
     if dtype not in ('float32', 'bfloat16', 'float16'):

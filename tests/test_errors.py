@@ -39,24 +39,6 @@ TRAIN = ['--model=tiny', '--cpu_threads=1', '--block_size=32', '--batch_size=256
          '--eval_iters=2', '--log_interval=1', '--warmup=2', '--lr=1e-2']
 
 
-def run(capfd, script, *args):
-    """`python script args`, in this process. Returns (exit status, stdout, stderr); stderr includes
-    what Python prints for a SystemExit with a message."""
-    argv, threads = sys.argv, torch.get_num_threads()
-    sys.argv, status = [script, *args], 0
-    try:
-        runpy.run_path(os.path.join(ROOT, script), run_name='__main__')
-    except SystemExit as e:
-        status = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
-        if not isinstance(e.code, (int, type(None))):
-            print(e.code, file=sys.stderr)
-    finally:
-        sys.argv = argv
-        torch.set_num_threads(threads)
-    out, err = capfd.readouterr()
-    return status, out, err
-
-
 def run_process(*args):
     result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120, env=ENV)
     return result.returncode, result.stdout, result.stderr
@@ -188,12 +170,12 @@ def test_prepare_with_bad_input_keeps_the_shards_there(data_dir, tmp_path, bad_l
 
 def test_an_empty_input_is_an_error(tmp_path, capfd):
     (tmp_path / 'empty.jsonl').write_text('\n\n')
-    assert_one_error_line(*run(capfd, 'data/prepare.py', f"--input={tmp_path / 'empty.jsonl'}", '--tokenizer=bytes',
+    assert_one_error_line(*run_script(capfd, 'data/prepare.py', f"--input={tmp_path / 'empty.jsonl'}", '--tokenizer=bytes',
                                f"--out_dir={tmp_path / 'data'}", '--num_workers=1'), 'empty.jsonl', 'no documents')
     assert sorted(os.listdir(tmp_path)) == ['empty.jsonl']  # no dataset, and nothing half-made
 
 
-def test_stale_temporary_files_are_replaced(run_dir, tmp_path, capfd):
+def test_stale_temporary_files_are_replaced(run_dir, data_dir, tmp_path, capfd):
     # atomic writes: one fixed temporary name, path + '.tmp', that the next write replaces
     (tmp_path / 'notes.txt.tmp').write_text('half of an old write')
     atomic_write_text(str(tmp_path / 'notes.txt'), 'whole')
@@ -204,7 +186,7 @@ def test_stale_temporary_files_are_replaced(run_dir, tmp_path, capfd):
     (tmp_path / 'datas' / 'data.tmp').mkdir()
     shutil.copyfile(data / 'train_000000.bin', tmp_path / 'datas' / 'data.tmp' / 'train_000000.bin')
     (tmp_path / 'datas' / 'data.tmp' / 'train_000001.bin.tmp').write_bytes(b'half a shard')
-    status, out, err = run(capfd, 'data/prepare.py', f"--input={os.path.join(os.path.dirname(data_dir), 'docs.jsonl')}",
+    status, out, err = run_script(capfd, 'data/prepare.py', f"--input={os.path.join(os.path.dirname(data_dir), 'docs.jsonl')}",
                            '--tokenizer=bytes', f'--out_dir={data}', '--num_workers=1', '--val_every=5')
     assert status == 0 and err == '' and sorted(os.listdir(tmp_path / 'datas')) == ['data']
     assert json.load(open(data / 'prepare.json'))['val_every'] == 5 and shards.Shards(str(data), 'train', 32).num_tokens
@@ -218,11 +200,11 @@ def test_stale_temporary_files_are_replaced(run_dir, tmp_path, capfd):
     for leftover in ('conv.tmp', 'conv.old'):
         (outs / leftover).mkdir(parents=True)
         (outs / leftover / 'ckpt.pt').write_bytes(b'half a conversion')
-    status, out, err = run(capfd, 'convert.py', f'--hf_dir={hf}', f"--out_dir={outs / 'conv'}")
+    status, out, err = run_script(capfd, 'convert.py', f'--hf_dir={hf}', f"--out_dir={outs / 'conv'}")
     assert status == 0 and sorted(os.listdir(outs)) == ['conv'] and GPT.from_checkpoint(str(outs / 'conv'))
     # killed between its two renames: out_dir gone, the old conversion in out_dir.old; the next run puts it back
     os.rename(outs / 'conv', outs / 'conv.old')
-    status, out, err = run(capfd, 'convert.py', f'--hf_dir={hf}', f"--out_dir={outs / 'conv'}", '--dtype=bfloat16')
+    status, out, err = run_script(capfd, 'convert.py', f'--hf_dir={hf}', f"--out_dir={outs / 'conv'}", '--dtype=bfloat16')
     assert status == 0 and sorted(os.listdir(outs)) == ['conv']
     assert GPT.from_checkpoint(str(outs / 'conv')).embed.weight.dtype == torch.bfloat16
 
@@ -272,7 +254,7 @@ def test_ctrl_c_in_prepare_keeps_the_dataset(data_dir, tmp_path, monkeypatch, ca
     source = tmp_path / 'more.jsonl'
     source.write_text(''.join(json.dumps(dict(text=f"more text {i} " * 40)) + '\n' for i in range(30)))
     monkeypatch.setattr(shards, 'write_shard', raise_keyboard_interrupt)  # Ctrl-C as the first new shard is written
-    assert_one_error_line(*run(capfd, 'data/prepare.py', f'--input={source}', '--tokenizer=bytes', f'--out_dir={data}',
+    assert_one_error_line(*run_script(capfd, 'data/prepare.py', f'--input={source}', '--tokenizer=bytes', f'--out_dir={data}',
                                '--num_workers=1'), f'error: interrupted; {data} is as it was', 'run the same command again',
                           code=130)
     assert snapshot(datas) == before
@@ -280,22 +262,22 @@ def test_ctrl_c_in_prepare_keeps_the_dataset(data_dir, tmp_path, monkeypatch, ca
 
 def test_ctrl_c_in_convert_keeps_the_conversion(tmp_path, monkeypatch, capfd):
     hf, outs = hf_folder(tmp_path / 'hf'), tmp_path / 'outs'
-    assert run(capfd, 'convert.py', f'--hf_dir={hf}', f"--out_dir={outs / 'conv'}")[0] == 0
+    assert run_script(capfd, 'convert.py', f'--hf_dir={hf}', f"--out_dir={outs / 'conv'}")[0] == 0
     before = snapshot(outs)
     monkeypatch.setattr(GPT, 'save_checkpoint', raise_keyboard_interrupt)
-    assert_one_error_line(*run(capfd, 'convert.py', f'--hf_dir={hf}', f"--out_dir={outs / 'conv'}"),
+    assert_one_error_line(*run_script(capfd, 'convert.py', f'--hf_dir={hf}', f"--out_dir={outs / 'conv'}"),
                           f"error: interrupted; {outs / 'conv'} is as it was", code=130)
     assert snapshot(outs) == before  # and no conv.tmp or conv.old beside it
 
 
 def test_ctrl_c_in_sample_and_bench(run_dir, tmp_path, monkeypatch, capfd):
     with monkeypatch.context() as patch:
-        patch.setattr(GPT, 'from_checkpoint', raise_keyboard_interrupt)
-        assert_one_error_line(*run(capfd, 'sample.py', f'--out_dir={run_dir}', '--device=cpu'),
+        patch.setattr(GPT, 'from_state', raise_keyboard_interrupt)
+        assert_one_error_line(*run_script(capfd, 'sample.py', f'--out_dir={run_dir}', '--device=cpu'),
                               'error: interrupted;', 'sample.py writes no files', code=130)
     with monkeypatch.context() as patch:
         patch.setattr(torch, 'manual_seed', raise_keyboard_interrupt)  # bench's first step after its settings
-        assert_one_error_line(*run(capfd, 'bench.py', os.path.join(ROOT, 'config', 'bench_cpu.py'),
+        assert_one_error_line(*run_script(capfd, 'bench.py', os.path.join(ROOT, 'config', 'bench_cpu.py'),
                                    f"--out={tmp_path / 'bench.json'}", '--plot='),
                               'error: interrupted;', 'nothing was measured yet', code=130)
 
@@ -312,7 +294,7 @@ def test_a_damaged_checkpoint_is_one_line(train_data, run_dir, tmp_path, capfd, 
     assert_one_error_line(*run_script(capfd, 'train.py', '--init_from=resume', f'--out_dir={run_dir}'), message)
     assert_one_error_line(*run_script(capfd, 'train.py', f'--init_from={run_dir}', f"--out_dir={tmp_path / 'new'}",
                                       f'--data_dir={train_data}', *TRAIN[1:]), message)
-    assert_one_error_line(*run(capfd, 'sample.py', f'--out_dir={run_dir}', '--device=cpu'), message)
+    assert_one_error_line(*run_script(capfd, 'sample.py', f'--out_dir={run_dir}', '--device=cpu'), message)
     with pytest.raises(ValueError, match=message):
         GPT.from_checkpoint(str(run_dir))
     assert snapshot(run_dir) == before and not (tmp_path / 'new').exists()
@@ -348,7 +330,7 @@ def test_convert_names_the_damaged_file(tmp_path, capfd, damage):
     """Each damaged file: one line naming it, and the earlier conversion in --out_dir as it was."""
     pytest.importorskip('safetensors')
     hf, outs = hf_folder(tmp_path / 'hf'), tmp_path / 'outs'
-    assert run(capfd, 'convert.py', f'--hf_dir={hf}', f"--out_dir={outs / 'conv'}")[0] == 0  # an earlier conversion
+    assert run_script(capfd, 'convert.py', f'--hf_dir={hf}', f"--out_dir={outs / 'conv'}")[0] == 0  # an earlier conversion
     before = snapshot(outs)
     weights = (hf / 'model.safetensors').read_bytes()
     file = next(word for word in damage.split() if '.' in word)
@@ -365,7 +347,7 @@ def test_convert_names_the_damaged_file(tmp_path, capfd, damage):
         (hf / file).write_bytes((hf / file).read_bytes()[:-3000])
     else:
         (hf / file).write_bytes(b'{"model": {"type": "BPE", "vocab": ')
-    assert_one_error_line(*run(capfd, 'convert.py', f'--hf_dir={hf}', f"--out_dir={outs / 'conv'}"), f'{hf}/{file}')
+    assert_one_error_line(*run_script(capfd, 'convert.py', f'--hf_dir={hf}', f"--out_dir={outs / 'conv'}"), f'{hf}/{file}')
     assert snapshot(outs) == before
 
 
@@ -377,19 +359,19 @@ def test_convert_never_replaces_what_it_did_not_write(tmp_path, capfd):
     (run_dir / 'log.jsonl').write_text('{"step": 0, "loss": 5.5}\n')
     (run_dir / 'NOTES.md').write_text('what I tried')
     before = snapshot(tmp_path)
-    assert_one_error_line(*run(capfd, 'convert.py', f'--hf_dir={hf}', f'--out_dir={run_dir}'),
+    assert_one_error_line(*run_script(capfd, 'convert.py', f'--hf_dir={hf}', f'--out_dir={run_dir}'),
                           f'--out_dir={run_dir} holds NOTES.md, and convert.py did not write it', 'choose another --out_dir')
     assert snapshot(tmp_path) == before  # and nothing beside it
     # a conversion with a file of the user's added is refused too, naming that file; alone, it is replaced
     conv = tmp_path / 'outs' / 'conv'
-    assert run(capfd, 'convert.py', f'--hf_dir={hf}', f'--out_dir={conv}')[0] == 0
+    assert run_script(capfd, 'convert.py', f'--hf_dir={hf}', f'--out_dir={conv}')[0] == 0
     (conv / 'NOTES.md').write_text('mine')
     before = snapshot(tmp_path / 'outs')
-    assert_one_error_line(*run(capfd, 'convert.py', f'--hf_dir={hf}', f'--out_dir={conv}'),
+    assert_one_error_line(*run_script(capfd, 'convert.py', f'--hf_dir={hf}', f'--out_dir={conv}'),
                           f'--out_dir={conv} holds NOTES.md, which convert.py did not write')
     assert snapshot(tmp_path / 'outs') == before
     os.remove(conv / 'NOTES.md')
-    assert run(capfd, 'convert.py', f'--hf_dir={hf}', f'--out_dir={conv}', '--dtype=bfloat16')[0] == 0
+    assert run_script(capfd, 'convert.py', f'--hf_dir={hf}', f'--out_dir={conv}', '--dtype=bfloat16')[0] == 0
     assert GPT.from_checkpoint(str(conv)).embed.weight.dtype == torch.bfloat16
     assert sorted(os.listdir(conv)) == ['ckpt.pt', 'config.json', 'convert.json']
 
@@ -397,13 +379,13 @@ def test_convert_never_replaces_what_it_did_not_write(tmp_path, capfd):
 def test_convert_refuses_non_finite_weights(tmp_path, capfd):
     from safetensors.torch import load_file, save_file
     hf, outs = hf_folder(tmp_path / 'hf'), tmp_path / 'outs'
-    assert run(capfd, 'convert.py', f'--hf_dir={hf}', f"--out_dir={outs / 'conv'}")[0] == 0
+    assert run_script(capfd, 'convert.py', f'--hf_dir={hf}', f"--out_dir={outs / 'conv'}")[0] == 0
     before = snapshot(outs)
     for bad in (math.nan, math.inf):
         state = load_file(str(hf / 'model.safetensors'))
         state['gpt_neox.layers.0.mlp.dense_h_to_4h.weight'][3, 5] = bad
         save_file(state, str(hf / 'model.safetensors'))
-        assert_one_error_line(*run(capfd, 'convert.py', f'--hf_dir={hf}', f"--out_dir={outs / 'conv'}"),
+        assert_one_error_line(*run_script(capfd, 'convert.py', f'--hf_dir={hf}', f"--out_dir={outs / 'conv'}"),
                               f'gpt_neox.layers.0.mlp.dense_h_to_4h.weight in {hf}/model.safetensors holds NaN or inf')
         assert snapshot(outs) == before
 
@@ -449,11 +431,11 @@ CONFIG_VALUES = [  # (family, what config.json says, what the line says)
 def test_convert_checks_every_config_value(tmp_path, capfd, family, change, says):
     hf = hf_folder(tmp_path / 'hf') if family == 'gpt_neox' else llama_folder(tmp_path / 'hf')
     outs = tmp_path / 'outs'
-    assert run(capfd, 'convert.py', f'--hf_dir={hf}', f"--out_dir={outs / 'conv'}")[0] == 0
+    assert run_script(capfd, 'convert.py', f'--hf_dir={hf}', f"--out_dir={outs / 'conv'}")[0] == 0
     before = snapshot(outs)
     config = json.loads((hf / 'config.json').read_text())
     (hf / 'config.json').write_text(json.dumps({**config, **change}))
-    assert_one_error_line(*run(capfd, 'convert.py', f'--hf_dir={hf}', f"--out_dir={outs / 'conv'}"),
+    assert_one_error_line(*run_script(capfd, 'convert.py', f'--hf_dir={hf}', f"--out_dir={outs / 'conv'}"),
                           f'error: {hf}/config.json', says)
     assert snapshot(outs) == before
 
@@ -470,10 +452,10 @@ def read_only(path, *args, **kwargs):
                                                 (os, 'makedirs', 'Permission denied')], ids=['full', 'read-only'])
 def test_convert_names_the_destination_it_cannot_write(tmp_path, monkeypatch, capfd, where, failure, says):
     hf, outs = hf_folder(tmp_path / 'hf'), tmp_path / 'outs'
-    assert run(capfd, 'convert.py', f'--hf_dir={hf}', f"--out_dir={outs / 'conv'}")[0] == 0
+    assert run_script(capfd, 'convert.py', f'--hf_dir={hf}', f"--out_dir={outs / 'conv'}")[0] == 0
     before = snapshot(outs)
     monkeypatch.setattr(where, failure, full_disk if failure == 'save' else read_only)
-    assert_one_error_line(*run(capfd, 'convert.py', f'--hf_dir={hf}', f"--out_dir={outs / 'conv'}"),
+    assert_one_error_line(*run_script(capfd, 'convert.py', f'--hf_dir={hf}', f"--out_dir={outs / 'conv'}"),
                           f"error: {outs / 'conv'}: ", says, f"{outs / 'conv'} is as it was")
     assert snapshot(outs) == before and sorted(os.listdir(outs)) == ['conv']
 
@@ -488,7 +470,7 @@ def test_convert_says_what_to_install(tmp_path, monkeypatch, capfd, package, arg
         monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None if name == package else find_spec(name, *a))
     else:
         monkeypatch.setitem(sys.modules, package, None)  # import fails as if it were not installed
-    assert_one_error_line(*run(capfd, 'convert.py', *args, f"--out_dir={tmp_path / 'out'}"), says)
+    assert_one_error_line(*run_script(capfd, 'convert.py', *args, f"--out_dir={tmp_path / 'out'}"), says)
     assert os.listdir(tmp_path) == []
 
 
@@ -503,14 +485,14 @@ def test_convert_names_a_gguf_file_it_cannot_read(tmp_path, capfd):
     before = snapshot(tmp_path)
     for name, says in (('random.gguf', 'cannot be read as a GGUF file'), ('qwen.gguf', "general.architecture='qwen2'"),
                        ('missing.gguf', 'no such file')):
-        assert_one_error_line(*run(capfd, 'convert.py', f'--gguf={tmp_path / name}', f"--out_dir={tmp_path / 'out'}"),
+        assert_one_error_line(*run_script(capfd, 'convert.py', f'--gguf={tmp_path / name}', f"--out_dir={tmp_path / 'out'}"),
                               f'{tmp_path / name}', says)
     assert snapshot(tmp_path) == before
 
 
 def test_a_prompt_file_that_is_not_utf8(run_dir, tmp_path, capfd):
     (tmp_path / 'prompt.txt').write_bytes('café'.encode('latin-1'))
-    line = assert_one_error_line(*run(capfd, 'sample.py', f'--out_dir={run_dir}', '--device=cpu',
+    line = assert_one_error_line(*run_script(capfd, 'sample.py', f'--out_dir={run_dir}', '--device=cpu',
                                       f"--start=FILE:{tmp_path / 'prompt.txt'}"), f"{tmp_path / 'prompt.txt'}", 'not UTF-8')
     assert 'save the prompt as UTF-8' in line
 
@@ -539,7 +521,7 @@ def test_train_settings(train_data, tmp_path, capfd, name, value):
 def test_convert_settings(tmp_path, capfd):
     for name, value in (('attn', 'linear'), ('feature_map', 'rff'), ('dtype', 'int8'), ('seed', '-1')):
         # checked before the folder is even looked at
-        line = assert_one_error_line(*run(capfd, 'convert.py', f"--hf_dir={tmp_path / 'nowhere'}", f'--{name}={value}'),
+        line = assert_one_error_line(*run_script(capfd, 'convert.py', f"--hf_dir={tmp_path / 'nowhere'}", f'--{name}={value}'),
                                      f'error: {name}=')
         assert value in line and 'nowhere' not in line
 
@@ -552,7 +534,7 @@ SAMPLE_SETTINGS = dict(temperature='-1', top_k='-1', top_p='0', num_samples='0',
 def test_sample_names_only_the_bad_setting(run_dir, capfd, name):
     if name == 'device' and torch.cuda.is_available():
         pytest.skip('CUDA is here')
-    line = assert_one_error_line(*run(capfd, 'sample.py', f'--out_dir={run_dir}', f'--{name}={SAMPLE_SETTINGS[name]}'),
+    line = assert_one_error_line(*run_script(capfd, 'sample.py', f'--out_dir={run_dir}', f'--{name}={SAMPLE_SETTINGS[name]}'),
                                  f'error: {name}=')
     assert not [other for other in SAMPLE_SETTINGS if other != name and f'{other}=' in line], line
 

