@@ -27,8 +27,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 import ranks
 from atomic import atomic_write_text
 from dijiang import load_checkpoint
-
-SHARDED, WRITING, PREVIOUS = 'ckpt', 'ckpt.tmp', 'ckpt.old'  # in out_dir
+from rundir import PREVIOUS, SHARDED, WRITING  # the folders in out_dir
 
 
 def rng_state():

@@ -10,8 +10,9 @@ import torch
 import checkpoints
 import memory
 import sharding
-from conftest import run_script
+from conftest import assert_one_error_line, run_script
 from dijiang import GPT, GPTConfig
+from test_errors import TRAIN, snapshot
 from test_train import SMALL, read_log, stdlib_docs, torchrun, train, write_data
 
 COMMON = [*SMALL, '--micro_batch_size=2', '--eval_interval=4', '--lr_decay_iters=8']
@@ -68,10 +69,14 @@ def test_sharded_resume_is_exact_and_consolidates(data, straight, tmp_path, caps
     assert ckpt['step'] == 8 and ckpt['data_position'] == 64 and sorted(ckpt['optimizer']['state'])[:2] == [0, 1]
 
 
+def sharded_copy(straight, out_dir):
+    """A copy of the straight run as train.py left it: sharded alone (another test may consolidate it)."""
+    shutil.copytree(straight, out_dir, ignore=shutil.ignore_patterns('ckpt.pt'))
+    return out_dir
+
+
 def test_a_killed_write_leaves_the_previous_checkpoint(straight, tmp_path):
-    out_dir = str(tmp_path / 'killed')
-    shutil.copytree(straight, out_dir)
-    os.remove(os.path.join(out_dir, 'ckpt.pt'))
+    out_dir = sharded_copy(straight, str(tmp_path / 'killed'))
     # killed while the shards were written: a partial ckpt.tmp/ beside the whole ckpt/
     os.makedirs(os.path.join(out_dir, 'ckpt.tmp'))
     open(os.path.join(out_dir, 'ckpt.tmp', '__0_0.distcp'), 'wb').write(b'partial')
@@ -81,8 +86,36 @@ def test_a_killed_write_leaves_the_previous_checkpoint(straight, tmp_path):
     ckpt = checkpoints.latest(out_dir)
     assert ckpt['sharded'] == os.path.join(out_dir, 'ckpt.old') and ckpt['step'] == 8
     whole = checkpoints.consolidated(ckpt['sharded'])
-    expected = torch.load(os.path.join(straight, 'ckpt.pt'), weights_only=True)['model']
+    expected = checkpoints.consolidated(os.path.join(straight, 'ckpt'))['model']
     assert all(torch.equal(whole['model'][name], expected[name]) for name in expected)
+
+
+def test_an_fsdp_run_is_refused_replaced_and_put_back_whole(data, straight, tmp_path, capfd):
+    run_dir = sharded_copy(straight, tmp_path / 'run')
+    os.makedirs(run_dir / 'ckpt.tmp')  # what a write of this run that was killed left
+    (run_dir / 'ckpt.tmp' / '__0_0.distcp').write_bytes(b'partial')
+    before = snapshot(run_dir)
+    new_run = ['train.py', f'--data_dir={data}', f'--out_dir={run_dir}', *TRAIN]
+    assert_one_error_line(*run_script(capfd, *new_run), f'error: {run_dir}/ckpt/ holds an earlier run')
+    assert snapshot(run_dir) == before
+    # an overwriting run that stops before its first checkpoint puts it all back, byte for byte
+    assert_one_error_line(*run_script(capfd, *new_run, '--overwrite=True', '--lr=1e30', '--max_iters=10'),
+                          'non-finite loss (nan) at step 2', f'{run_dir} holds the earlier run again')
+    assert snapshot(run_dir) == before
+    # one killed outright in its first sharded write (its own ckpt.tmp/ cut short, the old run aside): the next
+    # run in out_dir puts the old run back first (here a new run, then refused)
+    os.makedirs(run_dir / 'replaced-run')
+    for name in ('ckpt', 'ckpt.tmp', 'config.json', 'log.jsonl'):
+        os.replace(run_dir / name, run_dir / 'replaced-run' / name)
+    os.makedirs(run_dir / 'ckpt.tmp')
+    (run_dir / 'ckpt.tmp' / '__1_0.distcp').write_bytes(b'the new run, cut short')
+    (run_dir / 'log.jsonl').write_text('{"step": 0, "val_loss": 5.0}\n')
+    status, out, err = run_script(capfd, *new_run)
+    assert status == 1 and 'put back into' in out and snapshot(run_dir) == before
+    # once the overwriting run's first checkpoint is written, out_dir holds that run alone
+    status, out, err = run_script(capfd, *new_run, '--overwrite=True', '--max_iters=1')
+    assert status == 0 and sorted(os.listdir(run_dir)) == ['ckpt.pt', 'config.json', 'log.jsonl'], err
+    assert checkpoints.latest(str(run_dir))['step'] == 1
 
 
 def test_activation_checkpointing_keeps_losses_and_gradients():
