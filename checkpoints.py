@@ -28,6 +28,38 @@ import ranks
 from atomic import atomic_write_text
 from dijiang import load_checkpoint
 from rundir import PREVIOUS, SHARDED, WRITING  # the folders in out_dir
+from tokenizer import Tokenizer
+
+
+def tokenizer_of(ckpt, folder):
+    """The name of a model's tokenizer: in its checkpoint (train.py and convert.py write it), else that of
+    the folder's tokenizer.json, else None (unknown: only the vocabulary size is checked)."""
+    if ckpt.get('tokenizer') is None and os.path.isfile(os.path.join(folder, 'tokenizer.json')):
+        return Tokenizer.from_dir(folder).identity
+    return ckpt.get('tokenizer')
+
+
+def resumed_settings(ckpt, given, names, resumable, out_dir):
+    """The settings of the run in out_dir (those in names), with the command line's given changes to the
+    resumable ones, each said; a change of any other is refused."""
+    if not isinstance(ckpt.get('settings'), dict) or not ('optimizer' in ckpt or 'sharded' in ckpt):
+        raise ValueError(f"{os.path.join(out_dir, 'ckpt.pt')} holds a model, not a train.py run to resume: fine-tune it "
+                         f"with --init_from={out_dir} and a new --out_dir")
+    saved = {name: value for name, value in ckpt['settings'].items() if name in names}
+    for name, value in given.items():
+        if name not in resumable + ('init_from', 'out_dir') and saved.get(name, value) != value:
+            raise ValueError(f"{name}={value!r}, but the run in {out_dir} has {name}={saved[name]!r}: a resumed run may "
+                             f"change only the settings --help marks (r); start a new run (another --out_dir) to change {name}")
+        if name in resumable and saved.get(name, value) != value and os.environ.get('RANK', '0') == '0':
+            print(f"resuming with {name}={value!r} (the run had {saved[name]!r})")
+    return {**saved, **given}
+
+
+def seed_all(seed):
+    """The random generators a run draws from, torch's, numpy's and Python's, seeded alike."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
 
 
 def rng_state():
@@ -66,6 +98,30 @@ def latest(out_dir):
     if sharded and whole:
         return sharded if sharded['step'] >= whole['step'] else whole
     return sharded or whole
+
+
+def save(out_dir, gpt, optimizer, sharded, **state):
+    """A checkpoint of the run, with the random state: sharded, each rank its shards; else ckpt.pt, by rank 0,
+    written whole or not at all (atomic.py): a full disk leaves the last one as it was."""
+    if sharded:
+        save_sharded(out_dir, gpt, optimizer, rng=rng_state(), **state)
+    elif ranks.rank == 0:
+        gpt.save_checkpoint(out_dir, optimizer=optimizer.state_dict(), rng=rng_state(), **state)
+
+
+def resume(ckpt, gpt, optimizer, out_dir):
+    """The optimizer (and a sharded checkpoint's model) and the random state of the checkpoint ckpt into this
+    run. Returns where it was: (optimizer steps done, windows read)."""
+    try:
+        if 'sharded' in ckpt:
+            load_sharded(ckpt['sharded'], gpt, optimizer)
+        else:
+            optimizer.load_state_dict(ckpt['optimizer'])
+        set_rng_state(ckpt['rng'])
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
+        raise ValueError(f"{ckpt.get('sharded') or os.path.join(out_dir, 'ckpt.pt')}: its optimizer or random state does "
+                         f"not fit the model ({type(e).__name__}): the file is damaged; restore it, or start a new run") from None
+    return ckpt['step'], ckpt['data_position']
 
 
 def save_sharded(out_dir, gpt, optimizer, **meta):

@@ -1,13 +1,16 @@
 """
 Memory per GPU of a training run, estimated before the first step (train.py prints it; --dry_run=True
-prints it alone, on any machine). Weights, gradients and AdamW's states are counted exactly, tensor
-by tensor as FSDP2 shards them (dim 0 split over the ranks, rank 0's piece the largest); activations
-are the tensors autograd saves for the backward pass, from per-token coefficients fitted to the saved
-tensors measured on CPU over several shapes (within 5% of them); working copies are what the wrapper
-adds (DDP's gradient buckets, autocast's bf16 weights, or FSDP's gathered units).
+prints it alone, on any machine), and measured as it runs (peak_mib, in train.py's log).
+
+Weights, gradients and AdamW's states are counted exactly, tensor by tensor as FSDP2 shards them (dim
+0 split over the ranks, rank 0's piece the largest); activations are the tensors autograd saves for
+the backward pass, from per-token coefficients fitted to the saved tensors measured on CPU over
+several shapes (within 5% of them); working copies are what the wrapper adds (DDP's gradient buckets,
+autocast's bf16 weights, or FSDP's gathered units).
 """
 
 import math
+import resource
 
 import torch
 
@@ -52,10 +55,24 @@ def estimate(gpt, block_size, micro_batch_size, world_size=1, fsdp=False, cpu_of
     return memory
 
 
-def describe(memory, world_size, options):
+def report(gpt, block_size, micro_batch_size, world_size, bf16, capacity, **options):
+    """The estimate as one line, and where it exceeds capacity bytes (0: unknown, no check) a second, 'note: ',
+    naming what would fit."""
+    memory = estimate(gpt, block_size, micro_batch_size, world_size, bf16=bf16, **options)
     parts = ', '.join(f"{name} {memory[name] / GiB:.2f}" for name in ('weights', 'gradients', 'optimizer', 'activations',
                                                                      'working'))
-    return f"memory per GPU (estimate, GiB): {parts}; total {memory['total'] / GiB:.2f} on each of {world_size} ({options})"
+    chosen = ', '.join(f"{name}={value}" for name, value in dict(micro_batch_size=micro_batch_size, block_size=block_size,
+                                                                 **options).items())
+    line = (f"memory per GPU (estimate, GiB): {parts}; total {memory['total'] / GiB:.2f} on each of {world_size} "
+            f"({'bf16' if bf16 else 'fp32'}, {chosen})")
+    if capacity and memory['total'] > capacity:
+        line += '\nnote: ' + what_fits(gpt, block_size, micro_batch_size, world_size, bf16, capacity, **options)
+    return line
+
+
+def capacity(device):
+    """Bytes of memory of a CUDA device; 0 (unknown) for a CPU."""
+    return torch.cuda.get_device_properties(device).total_memory if device.startswith('cuda') else 0
 
 
 def what_fits(gpt, block_size, micro_batch_size, world_size, bf16, capacity, **chosen):
@@ -75,6 +92,13 @@ def what_fits(gpt, block_size, micro_batch_size, world_size, bf16, capacity, **c
                     f"{total / GiB:.2f} GiB per GPU")
     return (f"it does not fit in this GPU's {capacity / GiB:.0f} GiB even with --fsdp=True --activation_checkpointing=True "
             "--cpu_offload=True --micro_batch_size=1: spread it over more GPUs, or shorten --block_size")
+
+
+def peak_mib(device):
+    """The memory this process has used at its peak, measured, in MiB: on a GPU torch's allocations, else the peak RSS."""
+    if device.startswith('cuda'):
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10  # KiB on Linux
 
 
 def shapes_only(config):

@@ -37,6 +37,22 @@ def shard(gpt, bf16, cpu_offload):
     return gpt
 
 
+def place(gpt, device, fsdp, bf16, cpu_offload, activation_checkpointing, from_shards):
+    """gpt on this rank's device in fp32 (a converted checkpoint may hold bf16; autocast computes in bf16), or
+    sharded over the ranks (fsdp: from the CPU, FSDP moving it unit by unit), its blocks checkpointed or not.
+    from_shards: gpt was built on the meta device, its weights to come from a sharded checkpoint: it gets
+    memory, no values."""
+    if activation_checkpointing:
+        checkpoint_blocks(gpt)
+    if not from_shards:
+        gpt.to(device='cpu' if fsdp else device, dtype=torch.float32)
+    if fsdp:
+        shard(gpt, bf16, cpu_offload)
+    if from_shards:
+        materialize(gpt, device, cpu_offload)
+    return gpt
+
+
 def replicate(model, device):
     """DDP under torchrun; the model itself in one process."""
     return DDP(model, device_ids=[ranks.local_rank] if device.startswith('cuda') else None) if ranks.ddp else model

@@ -37,8 +37,6 @@ configurator.stop_on_signals()  # before the heavy imports: Ctrl-C while torch l
 
 import math  # noqa: E402
 import os  # noqa: E402
-import random  # noqa: E402
-import resource  # noqa: E402
 import shutil  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -49,7 +47,6 @@ from contextlib import nullcontext  # noqa: E402
 # OpenMP reads this when torch loads it, so it is set before the imports below.
 os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
@@ -60,8 +57,7 @@ import sharding  # noqa: E402
 from atomic import atomic_write, atomic_write_text, interrupts_deferred  # noqa: E402
 from dijiang import ATTENTIONS, CONFIGS, FEATURE_MAPS, FORMS, GPT, GPTConfig, load_checkpoint, pick_device  # noqa: E402
 from rundir import RunDir, append_log, log_up_to  # noqa: E402
-from shards import Shards  # noqa: E402
-from tokenizer import Tokenizer  # noqa: E402
+from shards import splits_of  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # settings: each can be overridden as --name=value, after any recipe files (config/train_*.py).
@@ -177,24 +173,10 @@ def cosine_lr(step, peak, warmup, decay_iters, min_lr):
     return min_lr + 0.5 * (peak - min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def tokenizer_of(ckpt, folder):
-    """The name of a model's tokenizer: in its checkpoint (train.py and convert.py write it), else that of
-    the folder's tokenizer.json, else None (unknown: only the vocabulary size is checked)."""
-    if ckpt.get('tokenizer') is None and os.path.isfile(os.path.join(folder, 'tokenizer.json')):
-        return Tokenizer.from_dir(folder).identity
-    return ckpt.get('tokenizer')
-
-
 def check_finite(what, value, step):
     """Stop all ranks alike (the values are averaged over the ranks) before the update."""
     if not math.isfinite(value):
         raise ValueError(f"non-finite {what} ({value}) at step {step}: stopped; {status}. Lower --lr or check the data")
-
-
-def peak_memory_mib(device):
-    if device.startswith('cuda'):
-        return torch.cuda.max_memory_allocated() / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10  # the process's peak RSS (KiB on Linux)
 
 
 def print_row(row):
@@ -208,31 +190,11 @@ def print_row(row):
 
 
 def memory_line(gpt, world_size, device):
-    """The memory estimate per GPU, and where it exceeds the GPU, what would fit."""
-    micro = split_batch(batch_size, block_size, micro_batch_size, world_size)[0]
+    """The memory estimate per GPU, and where it exceeds the GPU (--gpu_memory, else device's own), what would fit."""
     bf16 = dtype != 'float32' if dry_run else dtype == 'bfloat16'  # a dry run's 'auto' is a GPU's: bf16
-    capacity = gpu_memory * memory_estimate.GiB or (torch.cuda.get_device_properties(device).total_memory
-                                                    if device.startswith('cuda') else 0)
-    chosen = dict(fsdp=fsdp, cpu_offload=cpu_offload, activation_checkpointing=activation_checkpointing)
-    estimate = memory_estimate.estimate(gpt, block_size, micro, world_size, bf16=bf16, **chosen)
-    options = ', '.join(f"{name}={value}" for name, value in dict(micro_batch_size=micro, block_size=block_size,
-                                                                  **chosen).items())
-    line = memory_estimate.describe(estimate, world_size, f"{'bf16' if bf16 else 'fp32'}, {options}")
-    if capacity and estimate['total'] > capacity:
-        line += '\nnote: ' + memory_estimate.what_fits(gpt, block_size, micro, world_size, bf16, capacity, **chosen)
-    return line
-
-
-def print_estimate(ckpt):
-    """--dry_run=True: the estimate for the model this run would train, built on the meta device."""
-    if ckpt is None:
-        config = GPTConfig.named(model, attention=attention, feature_map=feature_map, feature_seed=feature_seed,
-                                 block_size=block_size)
-    else:
-        config = GPTConfig(**{**ckpt['config'], **({} if init_from == 'resume' else dict(attention=attention))})
-    world_size = gpus or int(os.environ.get('WORLD_SIZE', 1))
-    print(memory_line(memory_estimate.shapes_only(config), world_size, 'cuda' if gpu_memory == 0 and
-                      torch.cuda.is_available() else 'cpu'), flush=True)
+    return memory_estimate.report(gpt, block_size, split_batch(batch_size, block_size, micro_batch_size, world_size)[0],
+                                  world_size, bf16, gpu_memory * memory_estimate.GiB or memory_estimate.capacity(device),
+                                  fsdp=fsdp, cpu_offload=cpu_offload, activation_checkpointing=activation_checkpointing)
 
 
 def check_settings():
@@ -242,9 +204,9 @@ def check_settings():
         configurator.check(globals()[name] in allowed, name, globals()[name], f"use one of {', '.join(allowed)}")
     for name, low in dict(block_size=1, batch_size=1, micro_batch_size=0, max_iters=0, lr_decay_iters=0, warmup=0,
                           eval_interval=1, eval_iters=1, log_interval=1, cpu_threads=0, feature_seed=0,
-                          join_timeout=1).items():
+                          join_timeout=1, gpus=0).items():
         configurator.check(globals()[name] >= low, name, globals()[name], f"give an integer >= {low}")
-    for name in ('lr', 'min_lr', 'weight_decay', 'grad_clip', 'peak_flops'):
+    for name in ('lr', 'min_lr', 'weight_decay', 'grad_clip', 'peak_flops', 'gpu_memory'):
         configurator.check(math.isfinite(globals()[name]) and globals()[name] >= 0, name, globals()[name],
                            'give a finite number >= 0')
     configurator.check(0 <= seed < 2 ** 32, 'seed', seed, 'give a seed from 0 to 2**32 - 1')
@@ -253,24 +215,7 @@ def check_settings():
     configurator.check(bool(out_dir), 'out_dir', out_dir, 'name the folder for the checkpoints and the log')
     configurator.check(init_from != 'resume' or not overwrite, 'overwrite', overwrite,
                        '--init_from=resume continues the run in out_dir; --overwrite=True is for a new run')
-    configurator.check(gpus >= 0 and gpu_memory >= 0, 'gpus', gpus, 'give gpus and gpu_memory >= 0')
     configurator.check(fsdp or not cpu_offload, 'cpu_offload', cpu_offload, 'it offloads FSDP shards: add --fsdp=True')
-
-
-def resume_settings(ckpt, given):
-    """The settings of the run in out_dir, with the command line's (r) changes, said; any other change refused."""
-    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-    if not isinstance(ckpt.get('settings'), dict) or not ('optimizer' in ckpt or 'sharded' in ckpt):
-        raise ValueError(f"{ckpt_path} holds a model, not a train.py run to resume: fine-tune it with "
-                         f"--init_from={out_dir} and a new --out_dir")
-    saved = {name: value for name, value in ckpt['settings'].items() if name in NAMES}
-    for name, value in given.items():
-        if name not in RESUMABLE + ('init_from', 'out_dir') and saved.get(name, value) != value:
-            raise ValueError(f"{name}={value!r}, but the run in {out_dir} has {name}={saved[name]!r}: a resumed run may "
-                             f"change only the settings --help marks (r); start a new run (another --out_dir) to change {name}")
-        if name in RESUMABLE and saved.get(name, value) != value and os.environ.get('RANK', '0') == '0':
-            print(f"resuming with {name}={value!r} (the run had {saved[name]!r})")
-    globals().update({**saved, **given})
 
 
 def main():
@@ -285,7 +230,7 @@ def main():
             ckpt = checkpoints.latest(out_dir)
             configurator.check(ckpt is not None, 'init_from', init_from, f"there is no {out_dir}/ckpt.pt or "
                                f"{out_dir}/{checkpoints.SHARDED}/ to continue: pass the run's --out_dir, or start a new run")
-            resume_settings(ckpt, given)
+            globals().update(checkpoints.resumed_settings(ckpt, given, NAMES, RESUMABLE, out_dir))
             status = last_checkpoint(ckpt['step'])
         elif init_from != 'scratch':
             ckpt = load_checkpoint(init_from)
@@ -293,8 +238,12 @@ def main():
             status = run.status()
         settings = {name: globals()[name] for name in NAMES}  # saved with each checkpoint, with where the model began:
         settings['init_from'] = ckpt['settings'].get('init_from', 'scratch') if resume else init_from
-        if dry_run:
-            return print_estimate(ckpt)
+        if dry_run:  # the model this run would train, built on the meta device: any machine can
+            config = GPTConfig(**{**ckpt['config'], **({} if resume else dict(attention=attention))}) if ckpt else \
+                GPTConfig.named(model, attention=attention, feature_map=feature_map, feature_seed=feature_seed,
+                                block_size=block_size)
+            return print(memory_line(memory_estimate.shapes_only(config), gpus or int(os.environ.get('WORLD_SIZE', 1)),
+                                     'cuda' if gpu_memory == 0 and torch.cuda.is_available() else 'cpu'), flush=True)
         configurator.check(not fsdp or 'RANK' in os.environ, 'fsdp', fsdp, "FSDP runs under torchrun: torchrun "
                            "--standalone --nproc_per_node=N train.py ... (N=1 on one GPU)")
         device = ranks.start(device, cpu_threads, join_timeout)
@@ -308,9 +257,7 @@ def train(run, ckpt, settings, given):
     global status, memory, micro_batch_size, max_iters, lr_decay_iters
     master = ranks.rank == 0  # logs and writes checkpoints
     resume = init_from == 'resume'
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
+    checkpoints.seed_all(seed)
     autocast = torch.autocast(device.partition(':')[0], dtype=torch.bfloat16) if dtype == 'bfloat16' else nullcontext()
 
     # Data: the demo's is built on first use, by rank 0 while the others wait
@@ -318,12 +265,7 @@ def train(run, ckpt, settings, given):
         from data.stdlib.prepare import build  # here: only the demo needs it
         build(out_dir=data_dir)
     ranks.barrier()
-    train_data, val_data = Shards(data_dir, 'train', block_size), Shards(data_dir, 'val', block_size)
-    val_data.check_tokenizer(train_data.tokenizer, train_data.vocab_size, "rerun data/prepare.py into an empty folder")
-    splits = {'val_loss': val_data}  # and a second, out-of-distribution val split, where data/prepare.py wrote one
-    if any(name.startswith('val_ood_') and name.endswith('.bin') for name in os.listdir(data_dir)):
-        splits['val_loss_ood'] = Shards(data_dir, 'val_ood', block_size)
-        splits['val_loss_ood'].check_tokenizer(train_data.tokenizer, train_data.vocab_size, "rerun data/prepare.py")
+    train_data, splits = splits_of(data_dir, block_size)
     micro_batch_size, accumulation = split_batch(batch_size, block_size, micro_batch_size)
     windows_per_step = batch_size // block_size
     max_iters = max_iters or train_data.num_windows // windows_per_step  # 0: one epoch
@@ -349,7 +291,7 @@ def train(run, ckpt, settings, given):
             gpt = memory_estimate.shapes_only(GPTConfig(**ckpt['config'])).set_form(form)
         else:
             gpt = GPT.from_state(ckpt, source, form, **({} if resume else dict(attention=attention)), **new_layers)
-        identity = tokenizer_of(ckpt, source)
+        identity = checkpoints.tokenizer_of(ckpt, source)
         fix = ("resume on the data the run used, or start a new run" if resume else
                f"tokenize with python data/prepare.py --tokenizer={init_from} ...")
         train_data.check_tokenizer(identity, gpt.config.vocab_size, fix)
@@ -372,29 +314,12 @@ def train(run, ckpt, settings, given):
     sharded = resume and 'sharded' in ckpt
     configurator.check(sharded or not (resume and fsdp), 'fsdp', fsdp, f"{out_dir}/ckpt.pt is not sharded: resume "
                        "it with --fsdp=False")
-    if activation_checkpointing:
-        sharding.checkpoint_blocks(gpt)
-    if not sharded:  # fp32 weights (a converted checkpoint may hold bf16); autocast computes in bf16
-        gpt.to(device='cpu' if fsdp else device, dtype=torch.float32)  # FSDP moves them unit by unit
-    if fsdp:
-        sharding.shard(gpt, dtype == 'bfloat16', cpu_offload)
-    if sharded:
-        sharding.materialize(gpt, device, cpu_offload)
+    sharding.place(gpt, device, fsdp=fsdp, bf16=dtype == 'bfloat16', cpu_offload=cpu_offload,
+                   activation_checkpointing=activation_checkpointing, from_shards=sharded)
     optimizer = adamw(gpt.parameters(), lr, weight_decay, betas, device)
-    start_step, position = 0, 0  # optimizer steps done and windows consumed
     if master:
         print(memory_line(gpt, ranks.world_size, device), flush=True)
-    if resume:
-        start_step, position = ckpt['step'], ckpt['data_position']
-        try:
-            if sharded:
-                checkpoints.load_sharded(ckpt['sharded'], gpt, optimizer)
-            else:
-                optimizer.load_state_dict(ckpt['optimizer'])
-            checkpoints.set_rng_state(ckpt['rng'])
-        except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
-            raise ValueError(f"{os.path.join(out_dir, 'ckpt.pt')}: its optimizer or random state does not fit the model "
-                             f"({type(e).__name__}): the file is damaged; restore it, or start a new run") from None
+    start_step, position = checkpoints.resume(ckpt, gpt, optimizer, out_dir) if resume else (0, 0)  # steps, windows read
     eval_model = torch.compile(gpt) if compile else gpt
     train_model = eval_model if fsdp else sharding.replicate(eval_model, device)
 
@@ -476,17 +401,13 @@ def train(run, ckpt, settings, given):
             row.update(evaluate())
             check_finite('val loss', row['val_loss'], step)
             with interrupts_deferred():  # a Ctrl-C or SIGTERM now stops the run once the checkpoint is whole
-                state = dict(step=step, data_position=position, tokenizer=identity, settings=settings,
-                             rng=checkpoints.rng_state(), train_tokens=train_data.num_tokens)
-                if fsdp:  # each rank its shards
-                    checkpoints.save_sharded(out_dir, gpt, optimizer, **state)
-                elif master:  # written whole or not at all (atomic.py): a full disk leaves the last one as it was
-                    gpt.save_checkpoint(out_dir, optimizer=optimizer.state_dict(), **state)
+                checkpoints.save(out_dir, gpt, optimizer, fsdp, step=step, data_position=position, tokenizer=identity,
+                                 settings=settings, train_tokens=train_data.num_tokens)
                 run.checkpointed()
                 status = last_checkpoint(step)
         if step % log_interval == 0 or 'val_loss' in row:
             tokens_per_s = batch_size * steps_timed / max(step_seconds, 1e-9)
-            row.update(tokens_per_s=tokens_per_s, peak_mem_mib=peak_memory_mib(device))
+            row.update(tokens_per_s=tokens_per_s, peak_mem_mib=memory_estimate.peak_mib(device))
             if peak:
                 row['mfu'] = flops_per_token * tokens_per_s / (peak * ranks.world_size)
             log(row)
