@@ -9,8 +9,9 @@ train.py's checkpoints in out_dir, in one of two formats:
   the instant between the renames: a crash leaves one whole checkpoint, never a part of one.
   `python consolidate.py --out_dir=DIR` turns it into ckpt.pt (for sample.py, or to resume without FSDP).
 
-Either resumes either way (DCP reshards: a sharded checkpoint loads into a DDP run, and back); a run
-resumes from the newer of the two.
+Either resumes either way: DCP reshards a sharded checkpoint into a DDP run, and an FSDP run reads
+ckpt.pt whole on every rank (CPU memory for the whole model and optimizer on each), each keeping its
+pieces; a run resumes from the newer of the two.
 """
 
 import json
@@ -22,7 +23,8 @@ from dataclasses import asdict
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_optimizer_state_dict, set_state_dict
+from torch.distributed.fsdp import FSDPModule
 
 import ranks
 from atomic import atomic_write_text
@@ -111,10 +113,14 @@ def save(out_dir, gpt, optimizer, sharded, **state):
 
 def resume(ckpt, gpt, optimizer, out_dir):
     """The optimizer (and a sharded checkpoint's model) and the random state of the checkpoint ckpt into this
-    run. Returns where it was: (optimizer steps done, windows read)."""
+    run; ckpt.pt's model is in gpt already (sharded or not). Returns where it was: (optimizer steps done,
+    windows read)."""
     try:
         if 'sharded' in ckpt:
             load_sharded(ckpt['sharded'], gpt, optimizer)
+        elif isinstance(gpt, FSDPModule):  # ckpt.pt into shards: each rank keeps its pieces of the whole states
+            set_optimizer_state_dict(gpt, optimizer, by_name(ckpt['optimizer'], gpt, optimizer),
+                                     options=StateDictOptions(full_state_dict=True))
         else:
             optimizer.load_state_dict(ckpt['optimizer'])
         set_rng_state(ckpt['rng'])
@@ -157,6 +163,15 @@ def load_sharded(folder, gpt, optimizer):
     state = dict(model=model_state, optimizer=optimizer_state)
     dcp.load(state, checkpoint_id=folder)
     set_state_dict(gpt, optimizer, model_state_dict=state['model'], optim_state_dict=state['optimizer'])
+
+
+def by_name(state, gpt, optimizer):
+    """An optimizer's state_dict(), keyed by parameter number (ckpt.pt's), keyed by parameter name (DCP's):
+    number i is the i-th parameter of the optimizer's groups. consolidated() goes the other way."""
+    names = {id(p): name for name, p in gpt.named_parameters()}
+    name = [names[id(p)] for group in optimizer.param_groups for p in group['params']]
+    return dict(state={name[i]: value for i, value in state['state'].items()},
+                param_groups=[dict(group, params=[name[i] for i in group['params']]) for group in state['param_groups']])
 
 
 def consolidated(folder):

@@ -312,8 +312,6 @@ def train(run, ckpt, settings, given):
               f"(batch_size={batch_size} stays: more micro-steps add up to it), shorten --block_size, or spread the "
               "batch over more ranks (torchrun --nproc_per_node=N)")
     sharded = resume and 'sharded' in ckpt
-    configurator.check(sharded or not (resume and fsdp), 'fsdp', fsdp, f"{out_dir}/ckpt.pt is not sharded: resume "
-                       "it with --fsdp=False")
     sharding.place(gpt, device, fsdp=fsdp, bf16=dtype == 'bfloat16', cpu_offload=cpu_offload,
                    activation_checkpointing=activation_checkpointing, from_shards=sharded)
     optimizer = adamw(gpt.parameters(), lr, weight_decay, betas, device)

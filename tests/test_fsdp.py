@@ -35,9 +35,9 @@ def straight(data, tmp_path_factory):
     return out_dir
 
 
-def consolidate(out_dir, capsys):
+def consolidate(out_dir, capsys, step=8):
     status, out, err = run_script(capsys, 'consolidate.py', f'--out_dir={out_dir}')
-    assert status == 0 and out.startswith(f"{out_dir}/ckpt.pt: step 8"), err
+    assert status == 0 and out.startswith(f"{out_dir}/ckpt.pt: step {step}"), err
     return GPT.from_checkpoint(out_dir).state_dict()
 
 
@@ -56,15 +56,20 @@ def test_sharded_resume_is_exact_and_consolidates(data, straight, tmp_path, caps
     halfway = str(tmp_path / 'halfway')
     torchrun(tmp_path, 'train.py', f'--data_dir={data}', f'--out_dir={halfway}', '--fsdp=True', '--max_iters=4', *COMMON)
     assert checkpoints.read_meta(os.path.join(halfway, 'ckpt'))['step'] == 4
-    # resumed with activation checkpointing on: the same numbers, bit for bit
-    output = torchrun(tmp_path, 'train.py', '--init_from=resume', f'--out_dir={halfway}', '--max_iters=8',
-                      '--activation_checkpointing=True')
-    assert 'from step 4' in output
+    # the same step consolidated into ckpt.pt, alone in a copy of the run: FSDP resumes from that file too
+    consolidate(halfway, capsys, step=4)
+    from_file = str(shutil.copytree(halfway, tmp_path / 'from_file', ignore=shutil.ignore_patterns('ckpt')))
+    os.remove(os.path.join(halfway, 'ckpt.pt'))
     keys = ('step', 'loss', 'val_loss', 'lr', 'grad_norm')
-    assert [{k: r[k] for k in keys if k in r} for r in read_log(halfway)] == \
-        [{k: r[k] for k in keys if k in r} for r in read_log(straight)]
-    a, b = consolidate(straight, capsys), consolidate(halfway, capsys)
-    assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+    expected = [{k: r[k] for k in keys if k in r} for r in read_log(straight)]
+    a = consolidate(straight, capsys)
+    # resumed (from the shards with activation checkpointing on): the same numbers and weights, bit for bit
+    for out_dir, more in ((halfway, ['--activation_checkpointing=True']), (from_file, [])):
+        output = torchrun(tmp_path, 'train.py', '--init_from=resume', f'--out_dir={out_dir}', '--max_iters=8', *more)
+        assert 'from step 4' in output
+        assert [{k: r[k] for k in keys if k in r} for r in read_log(out_dir)] == expected, out_dir
+        b = consolidate(out_dir, capsys)
+        assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a), out_dir
     ckpt = torch.load(os.path.join(straight, 'ckpt.pt'), weights_only=True)
     assert ckpt['step'] == 8 and ckpt['data_position'] == 64 and sorted(ckpt['optimizer']['state'])[:2] == [0, 1]
 
