@@ -21,6 +21,11 @@ GiB = 2 ** 30
 PER_TOKEN = {4: (16.5, 4.0, 21.5, 35.5, 3.0), 2: (9.5, 1.5, 13.5, 37.5, 3.25)}  # fp32, bf16 autocast
 
 
+def size(n):
+    """n bytes in GiB, or in MiB below 1 GiB (a small model's would read 0.00 GiB)."""
+    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / 2 ** 20:.1f} MiB"
+
+
 def shard_numel(shape, world_size):
     """Elements of rank 0's shard of a tensor that FSDP2 splits along dim 0."""
     return math.ceil(shape[0] / world_size) * math.prod(shape[1:]) if shape else 1
@@ -59,11 +64,11 @@ def report(gpt, block_size, micro_batch_size, world_size, bf16, capacity, **opti
     """The estimate as one line, and where it exceeds capacity bytes (0: unknown, no check) a second, 'note: ',
     naming what would fit."""
     memory = estimate(gpt, block_size, micro_batch_size, world_size, bf16=bf16, **options)
-    parts = ', '.join(f"{name} {memory[name] / GiB:.2f}" for name in ('weights', 'gradients', 'optimizer', 'activations',
-                                                                     'working'))
+    parts = ', '.join(f"{name} {size(memory[name])}" for name in ('weights', 'gradients', 'optimizer', 'activations',
+                                                                  'working'))
     chosen = ', '.join(f"{name}={value}" for name, value in dict(micro_batch_size=micro_batch_size, block_size=block_size,
                                                                  **options).items())
-    line = (f"memory per GPU (estimate, GiB): {parts}; total {memory['total'] / GiB:.2f} on each of {world_size} "
+    line = (f"memory per GPU (estimate): {parts}; total {size(memory['total'])} on each of {world_size} "
             f"({'bf16' if bf16 else 'fp32'}, {chosen})")
     if capacity and memory['total'] > capacity:
         line += '\nnote: ' + what_fits(gpt, block_size, micro_batch_size, world_size, bf16, capacity, **options)
@@ -88,9 +93,8 @@ def what_fits(gpt, block_size, micro_batch_size, world_size, bf16, capacity, **c
         total = estimate(gpt, block_size, world_size=world_size, bf16=bf16, **options)['total']
         if total <= capacity:
             flags = ' '.join(f"--{name}={value}" for name, value in change.items())
-            return (f"it does not fit in this GPU's {capacity / GiB:.0f} GiB; with {flags} it would take "
-                    f"{total / GiB:.2f} GiB per GPU")
-    return (f"it does not fit in this GPU's {capacity / GiB:.0f} GiB even with --fsdp=True --activation_checkpointing=True "
+            return f"it does not fit in this GPU's {capacity / GiB:.3g} GiB; with {flags} it would take {size(total)} per GPU"
+    return (f"it does not fit in this GPU's {capacity / GiB:.3g} GiB even with --fsdp=True --activation_checkpointing=True "
             "--cpu_offload=True --micro_batch_size=1: spread it over more GPUs, or shorten --block_size")
 
 

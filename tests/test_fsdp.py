@@ -30,7 +30,7 @@ def straight(data, tmp_path_factory):
     out_dir = str(tmp / 'straight')
     output = torchrun(tmp, 'train.py', f'--data_dir={data}', f'--out_dir={out_dir}', '--fsdp=True', '--max_iters=8', *COMMON)
     assert '8 steps of 256 tokens = 2 ranks * 2 micro-steps * 2 * 32' in output
-    assert re.search(r'^memory per GPU \(estimate, GiB\): weights .* on each of 2 \(fp32, micro_batch_size=2, '
+    assert re.search(r'^memory per GPU \(estimate\): weights .* on each of 2 \(fp32, micro_batch_size=2, '
                      r'block_size=32, fsdp=True', output, re.M)
     return out_dir
 
@@ -177,8 +177,23 @@ def test_dry_run_prints_the_estimate_and_what_would_fit(capsys):
                                   '--gpu_memory=80', '--block_size=2048', '--batch_size=524288')
     lines = out.strip().splitlines()
     assert status == 0 and len(lines) == 2, (out, err)
-    assert re.fullmatch(r'memory per GPU \(estimate, GiB\): weights 3\.45, gradients 3\.44, optimizer 6\.89, '
-                        r'activations [0-9.]+, working [0-9.]+; total [0-9.]+ on each of 8 \(bf16, micro_batch_size=16, '
-                        r'block_size=2048, fsdp=True, cpu_offload=False, activation_checkpointing=False\)', lines[0])
+    assert re.fullmatch(r'memory per GPU \(estimate\): weights 3\.45 GiB, gradients 3\.44 GiB, optimizer 6\.89 GiB, '
+                        r'activations [0-9.]+ GiB, working [0-9.]+ GiB; total [0-9.]+ GiB on each of 8 \(bf16, '
+                        r'micro_batch_size=16, block_size=2048, fsdp=True, cpu_offload=False, activation_checkpointing=False\)',
+                        lines[0])
     assert re.fullmatch(r"note: it does not fit in this GPU's 80 GiB; with --activation_checkpointing=True it would take "
                         r"[0-9.]+ GiB per GPU", lines[1])
+    # a model below 1 GiB in MiB (the tiny model's weights would read 0.02 GiB)
+    status, out, err = run_script(capsys, 'train.py', '--dry_run=True', '--model=tiny', '--dtype=float32',
+                                  '--micro_batch_size=1', '--gpu_memory=0.15')
+    tiny = memory.estimate(memory.shapes_only(GPTConfig.named('tiny', block_size=128)), 128, 1, bf16=False)
+    mib = {name: f"{tiny[name] / 2 ** 20:.1f} MiB" for name in tiny}
+    assert status == 0 and out.splitlines()[0] == (
+        f"memory per GPU (estimate): weights {mib['weights']}, gradients {mib['gradients']}, optimizer {mib['optimizer']}, "
+        f"activations {mib['activations']}, working {mib['working']}; total {mib['total']} on each of 1 (fp32, "
+        "micro_batch_size=1, block_size=128, fsdp=False, cpu_offload=False, activation_checkpointing=False)"), (out, err)
+    assert 2 ** 20 < tiny['weights'] < tiny['total'] < 2 ** 30
+    offloaded = memory.estimate(memory.shapes_only(GPTConfig.named('tiny', block_size=128)), 128, 1, fsdp=True,
+                                cpu_offload=True, activation_checkpointing=True, bf16=False)['total']
+    assert out.splitlines()[1] == ("note: it does not fit in this GPU's 0.15 GiB; with --fsdp=True --activation_checkpointing="
+                                   f"True --cpu_offload=True it would take {offloaded / 2 ** 20:.1f} MiB per GPU")
