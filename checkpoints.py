@@ -6,7 +6,8 @@ train.py's checkpoints in out_dir, in one of two formats:
 - ckpt/, a folder of shards (torch.distributed.checkpoint): an FSDP run's, each rank writing its own
   pieces of the model and the optimizer, and rank 0 meta.pt, the run's state. It is written as
   ckpt.tmp/ and renamed into place once every rank is done, the previous one kept as ckpt.old/ for
-  the instant between the renames: a crash leaves one whole checkpoint, never a part of one.
+  the instant between the renames: a crash leaves one whole checkpoint, never a part of one. Every
+  rank writes into out_dir, so on several nodes it must be one folder that every node sees.
   `python consolidate.py --out_dir=DIR` turns it into ckpt.pt (for sample.py, or to resume without FSDP).
 
 Either resumes either way: DCP reshards a sharded checkpoint into a DDP run, and an FSDP run reads

@@ -100,7 +100,8 @@ device = 'auto'  # (r) 'auto' (cuda when available, else cpu), 'cpu' or 'cuda'; 
 dtype = 'auto'  # (r) 'auto' (bfloat16 autocast on CUDA, float32 on CPU), 'bfloat16' or 'float32'
 cpu_threads = 0  # (r) torch threads per process on a CPU; 0 shares the cores out among this machine's ranks
 compile = False  # (r) torch.compile the model
-fsdp = False  # (r) shard weights, gradients and AdamW states over the ranks (FSDP2; under torchrun, 1 rank too)
+fsdp = False  # (r) shard weights, gradients and AdamW states over the ranks (FSDP2; under torchrun, 1 rank too); every
+              # rank writes its shards into out_dir/ckpt/: on several nodes out_dir must be one folder every node sees
 cpu_offload = False  # (r) with fsdp: the shards and the optimizer step in CPU memory (slower; for what a GPU cannot hold)
 activation_checkpointing = False  # (r) each block recomputes its activations in the backward pass: less memory
 dry_run = False  # (r) print the memory estimate per GPU and exit, training nothing (on any machine; from scratch, the

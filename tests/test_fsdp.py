@@ -197,3 +197,9 @@ def test_dry_run_prints_the_estimate_and_what_would_fit(capsys):
                                 cpu_offload=True, activation_checkpointing=True, bf16=False)['total']
     assert out.splitlines()[1] == ("note: it does not fit in this GPU's 0.15 GiB; with --fsdp=True --activation_checkpointing="
                                    f"True --cpu_offload=True it would take {offloaded / 2 ** 20:.1f} MiB per GPU")
+
+
+def test_help_says_several_nodes_need_one_out_dir(capsys):
+    status, out, err = run_script(capsys, 'train.py', '--help')
+    fsdp = out[out.index('\nfsdp = False'):out.index('\ncpu_offload = ')]
+    assert status == 0 and "on several nodes out_dir must be one folder every node sees" in fsdp, fsdp
