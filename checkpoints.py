@@ -19,6 +19,7 @@ import json
 import os
 import random
 import shutil
+import warnings
 from dataclasses import asdict
 
 import numpy as np
@@ -162,7 +163,9 @@ def load_sharded(folder, gpt, optimizer):
     """The model and optimizer of a sharded checkpoint into gpt and optimizer, sharded or not (resharded as needed)."""
     model_state, optimizer_state = get_state_dict(gpt, optimizer)
     state = dict(model=model_state, optimizer=optimizer_state)
-    dcp.load(state, checkpoint_id=folder)
+    with warnings.catch_warnings():  # in one process (no ranks) DCP says on stderr that it assumes so
+        warnings.filterwarnings('ignore', 'torch.distributed is disabled', UserWarning)
+        dcp.load(state, checkpoint_id=folder)
     set_state_dict(gpt, optimizer, model_state_dict=state['model'], optim_state_dict=state['optimizer'])
 
 

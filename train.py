@@ -126,10 +126,8 @@ def kept():
     return status
 
 
-def last_checkpoint(step):
-    name = checkpoints.SHARDED if fsdp else 'ckpt.pt'
-    return (f"{os.path.join(out_dir, name)} (step {step}) is the last checkpoint; resume with python train.py "
-            f"--init_from=resume --out_dir={out_dir}")
+def last_checkpoint(path, step):
+    return f"{path} (step {step}) is the last checkpoint; resume with python train.py --init_from=resume --out_dir={out_dir}"
 
 
 def split_batch(batch_size, block_size, micro_batch_size, world_size=0):
@@ -232,7 +230,7 @@ def main():
             configurator.check(ckpt is not None, 'init_from', init_from, f"there is no {out_dir}/ckpt.pt or "
                                f"{out_dir}/{checkpoints.SHARDED}/ to continue: pass the run's --out_dir, or start a new run")
             globals().update(checkpoints.resumed_settings(ckpt, given, NAMES, RESUMABLE, out_dir))
-            status = last_checkpoint(ckpt['step'])
+            status = last_checkpoint(ckpt.get('sharded') or os.path.join(out_dir, 'ckpt.pt'), ckpt['step'])
         elif init_from != 'scratch':
             ckpt = load_checkpoint(init_from)
         if not resume and not eval_only:
@@ -403,7 +401,7 @@ def train(run, ckpt, settings, given):
                 checkpoints.save(out_dir, gpt, optimizer, fsdp, step=step, data_position=position, tokenizer=identity,
                                  settings=settings, train_tokens=train_data.num_tokens)
                 run.checkpointed()
-                status = last_checkpoint(step)
+                status = last_checkpoint(os.path.join(out_dir, checkpoints.SHARDED if fsdp else 'ckpt.pt'), step)
         if step % log_interval == 0 or 'val_loss' in row:
             tokens_per_s = batch_size * steps_timed / max(step_seconds, 1e-9)
             row.update(tokens_per_s=tokens_per_s, peak_mem_mib=memory_estimate.peak_mib(device))

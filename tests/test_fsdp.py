@@ -3,6 +3,7 @@ resume bit for bit, checkpoints that survive a killed write; activation checkpoi
 import os
 import re
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -121,6 +122,18 @@ def test_an_fsdp_run_is_refused_replaced_and_put_back_whole(data, straight, tmp_
     status, out, err = run_script(capfd, *new_run, '--overwrite=True', '--max_iters=1')
     assert status == 0 and sorted(os.listdir(run_dir)) == ['ckpt.pt', 'config.json', 'log.jsonl'], err
     assert checkpoints.latest(str(run_dir))['step'] == 1
+
+
+def test_a_sharded_checkpoint_resumes_in_one_process(straight, tmp_path, capfd):
+    run_dir = sharded_copy(straight, str(tmp_path / 'run'))
+    # a learning rate of 1e30 from step 9 on: step 10's loss is not finite, and the line names the checkpoint the run
+    # resumed from (the shards), not the kind --fsdp would write
+    with warnings.catch_warnings(record=True) as caught:  # and DCP says nothing of loading in one process
+        warnings.simplefilter('always')
+        assert_one_error_line(*run_script(capfd, 'train.py', '--init_from=resume', f'--out_dir={run_dir}', '--fsdp=False',
+                                          '--max_iters=11', '--lr=1e30', '--min_lr=1e30'),
+                              'error: non-finite loss', f'at step 10: stopped; {run_dir}/ckpt (step 8) is the last checkpoint')
+    assert not [w for w in caught if 'single process' in str(w.message)], caught
 
 
 def test_activation_checkpointing_keeps_losses_and_gradients():
