@@ -5,13 +5,15 @@ loses an earlier one:
 - While a run holds out_dir it holds a lock on out_dir/.lock (fcntl.flock), which names its process;
   a second run there is refused with one line naming it. The OS releases the lock when the process
   ends, however it ends; the file goes when the run ends.
-- A new run (not --init_from=resume) starts only where no run is (no ckpt.pt, no log.jsonl), unless
-  --overwrite=True. Then the old run's files are moved aside whole, into out_dir/replaced-run/; they
+- A new run (not --init_from=resume) starts only where no run is (no ckpt.pt, no sharded ckpt/, no
+  log.jsonl), unless --overwrite=True. Then the old run's files and folders (an FSDP run's ckpt/, and
+  a ckpt.tmp/ or ckpt.old/ its writes left) are moved aside whole, into out_dir/replaced-run/; they
   are deleted when the new run writes its first checkpoint, and put back, byte for byte, if it stops
   before (an error, Ctrl-C, SIGTERM). If it was killed outright (kill -9), the next run in out_dir
   puts them back first.
 - A new run that stops before its first checkpoint leaves out_dir as it found it: the files it wrote
-  go (its log was on stdout), and out_dir too if the run made it.
+  go (its log was on stdout, its sharded checkpoint, whole or cut short, with them), and out_dir too
+  if the run made it.
 - Other files in out_dir (notes, a launcher's output) are never touched.
 
 The log, log.jsonl, is one JSON object per line, strict JSON (nan and inf as null).
@@ -21,11 +23,14 @@ import fcntl
 import json
 import math
 import os
+import shutil
 import sys
 
 from atomic import interrupts_deferred, remove_leftover_dir
 
 FILES = ('ckpt.pt', 'config.json', 'log.jsonl', 'tokenizer.json')  # what a run writes into its out_dir
+SHARDED, WRITING, PREVIOUS = 'ckpt', 'ckpt.tmp', 'ckpt.old'  # and an FSDP run's sharded checkpoint (checkpoints.py):
+FOLDERS = (SHARDED, WRITING, PREVIOUS)                         # whole, being written, the one it replaces
 ASIDE = 'replaced-run'  # where --overwrite=True keeps the old run until the new one's first checkpoint
 
 
@@ -55,16 +60,21 @@ class RunDir:
             raise
         return self
 
+    def ours(self, name):
+        return name in FILES or name in FOLDERS
+
     def settle(self):
         """Put back what a killed run left aside; refuse an earlier run, or move it aside (overwrite)."""
         if os.path.isdir(self.aside):  # left by a replacing run that was killed
-            if os.path.isfile(self.path('ckpt.pt')):  # after its first checkpoint: the old run was done with
-                remove_leftover_dir(self.aside, lambda name: name in FILES)
+            # after its first checkpoint (ckpt/ and ckpt.old/ appear only by renaming a whole one): the old run was done with
+            if any(os.path.exists(self.path(name)) for name in ('ckpt.pt', SHARDED, PREVIOUS)):
+                remove_leftover_dir(self.aside, self.ours)
             else:
                 print(f"note: {self.aside} holds the run that an --overwrite=True run, killed before its first "
                       f"checkpoint, was replacing: put back into {self.out_dir}")
                 self.put_back()
-        earlier = [name for name in ('ckpt.pt', 'log.jsonl') if os.path.isfile(self.path(name))]
+        earlier = [name for name in ('ckpt.pt', SHARDED + '/', PREVIOUS + '/', 'log.jsonl')
+                   if os.path.exists(self.path(name))]  # a name ending in / is found only as a folder
         if self.new and earlier and not self.overwrite:
             raise ValueError(f"{self.path(earlier[0])} holds an earlier run: continue it with --init_from=resume, "
                              "write this run to another --out_dir, or replace it with --overwrite=True (it is put "
@@ -72,8 +82,8 @@ class RunDir:
         if self.new and earlier:
             with interrupts_deferred():
                 os.makedirs(self.aside)
-                for name in FILES:
-                    if os.path.isfile(self.path(name)):
+                for name in FILES + FOLDERS:
+                    if os.path.exists(self.path(name)):
                         os.replace(self.path(name), os.path.join(self.aside, name))
 
     def take_lock(self):
@@ -97,12 +107,15 @@ class RunDir:
         self.lock = lock
 
     def put_back(self):
-        """out_dir as this new run found it: the files it wrote go, and the old run, if one was moved
-        aside, comes back."""
+        """out_dir as this new run found it: the files it wrote go (a sharded checkpoint too, whole or cut
+        short: a folder the old one's would not replace), and the old run, if one was moved aside, comes back."""
         with interrupts_deferred():
             for name in FILES:
                 if os.path.isfile(self.path(name)):
                     os.remove(self.path(name))
+            for name in FOLDERS:
+                if os.path.isdir(self.path(name)):
+                    shutil.rmtree(self.path(name))
             if os.path.isdir(self.aside):
                 for name in os.listdir(self.aside):
                     os.replace(os.path.join(self.aside, name), self.path(name))
@@ -112,7 +125,7 @@ class RunDir:
         """Called once a checkpoint of this run is whole: from now on out_dir is this run's."""
         self.saved = True
         if self.owner and os.path.isdir(self.aside):
-            remove_leftover_dir(self.aside, lambda name: name in FILES)
+            remove_leftover_dir(self.aside, self.ours)
 
     def __exit__(self, error_type, error, traceback):
         if not self.owner or self.lock is None:

@@ -75,6 +75,18 @@ def read_header(path):
     return info
 
 
+def splits_of(data_dir, block_size):
+    """The train split of a data folder, and its val splits by their log names: val_loss, and val_loss_ood
+    where data/prepare.py wrote a second, out-of-distribution val split; all of one tokenizer."""
+    train = Shards(data_dir, 'train', block_size)
+    splits = {'val_loss': Shards(data_dir, 'val', block_size)}
+    splits['val_loss'].check_tokenizer(train.tokenizer, train.vocab_size, "rerun data/prepare.py into an empty folder")
+    if any(name.startswith('val_ood_') and name.endswith('.bin') for name in os.listdir(data_dir)):
+        splits['val_loss_ood'] = Shards(data_dir, 'val_ood', block_size)
+        splits['val_loss_ood'].check_tokenizer(train.tokenizer, train.vocab_size, "rerun data/prepare.py")
+    return train, splits
+
+
 class Shards:
     """The shards of one split, memory-mapped and read as windows of block_size + 1 tokens (inputs and
     their next-token targets). Window j of a shard starts at token j * block_size; windows do not cross

@@ -5,6 +5,8 @@ Train a DiJiang (or softmax) language model on token shards.
     python train.py config/train_finetune.py --init_from=out-pythia-410m --data_dir=data/00-pythia --out_dir=out-dijiang-410m
     python train.py --init_from=resume --out_dir=out    # continue the run in out, bit for bit
     torchrun --standalone --nproc_per_node=N train.py   # DDP on one node, any of the above
+    torchrun --standalone --nproc_per_node=8 train.py --fsdp=True --activation_checkpointing=True ...  # the big sizes
+    python train.py --dry_run=True --model=pythia-6.9b --gpus=8 --fsdp=True --gpu_memory=80  # memory per GPU, no training
     python train.py --help                              # every setting and its default, and the recipes
 
 The settings are the defaults below (the demo's), then any recipes (config/train_*.py), then
@@ -35,8 +37,6 @@ configurator.stop_on_signals()  # before the heavy imports: Ctrl-C while torch l
 
 import math  # noqa: E402
 import os  # noqa: E402
-import random  # noqa: E402
-import resource  # noqa: E402
 import shutil  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -47,16 +47,17 @@ from contextlib import nullcontext  # noqa: E402
 # OpenMP reads this when torch loads it, so it is set before the imports below.
 os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
+import checkpoints  # noqa: E402
+import memory as memory_estimate  # noqa: E402
 import ranks  # noqa: E402
+import sharding  # noqa: E402
 from atomic import atomic_write, atomic_write_text, interrupts_deferred  # noqa: E402
 from dijiang import ATTENTIONS, CONFIGS, FEATURE_MAPS, FORMS, GPT, GPTConfig, load_checkpoint, pick_device  # noqa: E402
 from rundir import RunDir, append_log, log_up_to  # noqa: E402
-from shards import Shards  # noqa: E402
-from tokenizer import Tokenizer  # noqa: E402
+from shards import splits_of  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # settings: each can be overridden as --name=value, after any recipe files (config/train_*.py).
@@ -99,6 +100,14 @@ device = 'auto'  # (r) 'auto' (cuda when available, else cpu), 'cpu' or 'cuda'; 
 dtype = 'auto'  # (r) 'auto' (bfloat16 autocast on CUDA, float32 on CPU), 'bfloat16' or 'float32'
 cpu_threads = 0  # (r) torch threads per process on a CPU; 0 shares the cores out among this machine's ranks
 compile = False  # (r) torch.compile the model
+fsdp = False  # (r) shard weights, gradients and AdamW states over the ranks (FSDP2; under torchrun, 1 rank too); every
+              # rank writes its shards into out_dir/ckpt/: on several nodes out_dir must be one folder every node sees
+cpu_offload = False  # (r) with fsdp: the shards and the optimizer step in CPU memory (slower; for what a GPU cannot hold)
+activation_checkpointing = False  # (r) each block recomputes its activations in the backward pass: less memory
+dry_run = False  # (r) print the memory estimate per GPU and exit, training nothing (on any machine; from scratch, the
+                 # named model's vocabulary)
+gpus = 0  # (r) GPUs the estimate is for; 0: this run's ranks
+gpu_memory = 0.0  # (r) GiB per GPU the estimate is checked against; 0: the GPU's own (on a CPU: no check)
 seed = 1337
 join_timeout = 60  # (r) seconds the ranks wait for each other to start (torchrun); then one line says which is missing
 # -----------------------------------------------------------------------------
@@ -117,22 +126,23 @@ def kept():
     return status
 
 
-def last_checkpoint(step):
-    return (f"{os.path.join(out_dir, 'ckpt.pt')} (step {step}) is the last checkpoint; resume with python train.py "
-            f"--init_from=resume --out_dir={out_dir}")
+def last_checkpoint(path, step):
+    return f"{path} (step {step}) is the last checkpoint; resume with python train.py --init_from=resume --out_dir={out_dir}"
 
 
-def split_batch(batch_size, block_size, micro_batch_size):
-    """(micro_batch_size, accumulation): micro_batch_size 0 resolved, and the micro-steps per step."""
+def split_batch(batch_size, block_size, micro_batch_size, world_size=0):
+    """(micro_batch_size, accumulation): micro_batch_size 0 resolved, and the micro-steps per step, on
+    world_size ranks (0: this run's)."""
+    world_size = world_size or ranks.world_size
     if micro_batch_size == 0:
-        fits = [m for m in range(16, 0, -1) if batch_size % (m * block_size * ranks.world_size) == 0]
+        fits = [m for m in range(16, 0, -1) if batch_size % (m * block_size * world_size) == 0]
         configurator.check(fits, 'batch_size', batch_size, f"split it evenly into sequences of block_size={block_size} "
-                           f"over {ranks.world_size} rank(s): make it a multiple of {block_size * ranks.world_size}")
+                           f"over {world_size} rank(s): make it a multiple of {block_size * world_size}")
         micro_batch_size = fits[0]
-    accumulation, remainder = divmod(batch_size, micro_batch_size * block_size * ranks.world_size)
+    accumulation, remainder = divmod(batch_size, micro_batch_size * block_size * world_size)
     if remainder or accumulation == 0:
         raise ValueError(f"batch_size={batch_size} tokens is not a multiple of micro_batch_size * block_size * "
-                         f"world_size = {micro_batch_size} * {block_size} * {ranks.world_size}: change one of them")
+                         f"world_size = {micro_batch_size} * {block_size} * {world_size}: change one of them")
     return micro_batch_size, accumulation
 
 
@@ -162,39 +172,10 @@ def cosine_lr(step, peak, warmup, decay_iters, min_lr):
     return min_lr + 0.5 * (peak - min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def tokenizer_of(ckpt, folder):
-    """The name of a model's tokenizer: in its checkpoint (train.py and convert.py write it), else that of
-    the folder's tokenizer.json, else None (unknown: only the vocabulary size is checked)."""
-    if ckpt.get('tokenizer') is None and os.path.isfile(os.path.join(folder, 'tokenizer.json')):
-        return Tokenizer.from_dir(folder).identity
-    return ckpt.get('tokenizer')
-
-
 def check_finite(what, value, step):
     """Stop all ranks alike (the values are averaged over the ranks) before the update."""
     if not math.isfinite(value):
         raise ValueError(f"non-finite {what} ({value}) at step {step}: stopped; {status}. Lower --lr or check the data")
-
-
-def rng_state():
-    numpy_state = np.random.get_state()  # ('MT19937', keys uint32 (624,), pos, has_gauss, gauss)
-    return dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                numpy=[numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]],
-                python=random.getstate())
-
-
-def set_rng_state(rng):
-    torch.set_rng_state(rng['torch'])
-    if torch.cuda.is_available() and len(rng['cuda']) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(rng['cuda'])
-    np.random.set_state((rng['numpy'][0], rng['numpy'][1].numpy().astype(np.uint32), *rng['numpy'][2:]))
-    random.setstate(rng['python'])
-
-
-def peak_memory_mib(device):
-    if device.startswith('cuda'):
-        return torch.cuda.max_memory_allocated() / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10  # the process's peak RSS (KiB on Linux)
 
 
 def print_row(row):
@@ -207,6 +188,14 @@ def print_row(row):
     print(' | '.join(parts), flush=True)
 
 
+def memory_line(gpt, world_size, device):
+    """The memory estimate per GPU, and where it exceeds the GPU (--gpu_memory, else device's own), what would fit."""
+    bf16 = dtype != 'float32' if dry_run else dtype == 'bfloat16'  # a dry run's 'auto' is a GPU's: bf16
+    return memory_estimate.report(gpt, block_size, split_batch(batch_size, block_size, micro_batch_size, world_size)[0],
+                                  world_size, bf16, gpu_memory * memory_estimate.GiB or memory_estimate.capacity(device),
+                                  fsdp=fsdp, cpu_offload=cpu_offload, activation_checkpointing=activation_checkpointing)
+
+
 def check_settings():
     """Every setting, before anything is read or written: the first bad one is one line."""
     for name, allowed in (('model', CONFIGS), ('attention', ATTENTIONS), ('form', FORMS), ('feature_map', FEATURE_MAPS),
@@ -214,9 +203,9 @@ def check_settings():
         configurator.check(globals()[name] in allowed, name, globals()[name], f"use one of {', '.join(allowed)}")
     for name, low in dict(block_size=1, batch_size=1, micro_batch_size=0, max_iters=0, lr_decay_iters=0, warmup=0,
                           eval_interval=1, eval_iters=1, log_interval=1, cpu_threads=0, feature_seed=0,
-                          join_timeout=1).items():
+                          join_timeout=1, gpus=0).items():
         configurator.check(globals()[name] >= low, name, globals()[name], f"give an integer >= {low}")
-    for name in ('lr', 'min_lr', 'weight_decay', 'grad_clip', 'peak_flops'):
+    for name in ('lr', 'min_lr', 'weight_decay', 'grad_clip', 'peak_flops', 'gpu_memory'):
         configurator.check(math.isfinite(globals()[name]) and globals()[name] >= 0, name, globals()[name],
                            'give a finite number >= 0')
     configurator.check(0 <= seed < 2 ** 32, 'seed', seed, 'give a seed from 0 to 2**32 - 1')
@@ -225,22 +214,7 @@ def check_settings():
     configurator.check(bool(out_dir), 'out_dir', out_dir, 'name the folder for the checkpoints and the log')
     configurator.check(init_from != 'resume' or not overwrite, 'overwrite', overwrite,
                        '--init_from=resume continues the run in out_dir; --overwrite=True is for a new run')
-
-
-def resume_settings(ckpt, given):
-    """The settings of the run in out_dir, with the command line's (r) changes, said; any other change refused."""
-    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-    if not isinstance(ckpt.get('settings'), dict) or 'optimizer' not in ckpt:
-        raise ValueError(f"{ckpt_path} holds a model, not a train.py run to resume: fine-tune it with "
-                         f"--init_from={out_dir} and a new --out_dir")
-    saved = {name: value for name, value in ckpt['settings'].items() if name in NAMES}
-    for name, value in given.items():
-        if name not in RESUMABLE + ('init_from', 'out_dir') and saved.get(name, value) != value:
-            raise ValueError(f"{name}={value!r}, but the run in {out_dir} has {name}={saved[name]!r}: a resumed run may "
-                             f"change only the settings --help marks (r); start a new run (another --out_dir) to change {name}")
-        if name in RESUMABLE and saved.get(name, value) != value and os.environ.get('RANK', '0') == '0':
-            print(f"resuming with {name}={value!r} (the run had {saved[name]!r})")
-    globals().update({**saved, **given})
+    configurator.check(fsdp or not cpu_offload, 'cpu_offload', cpu_offload, 'it offloads FSDP shards: add --fsdp=True')
 
 
 def main():
@@ -249,21 +223,28 @@ def main():
     check_settings()
     resume = init_from == 'resume'
     rank_0 = os.environ.get('RANK', '0') == '0'  # (ranks.start tells the ranks apart; the folder is rank 0's before that)
-    with RunDir(out_dir, not resume, overwrite, owner=rank_0 and not eval_only) as run:
+    with RunDir(out_dir, not resume, overwrite, owner=rank_0 and not eval_only and not dry_run) as run:
         ckpt = None  # the checkpoint, read once: the run to resume, or the model to fine-tune
         if resume:
-            ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-            configurator.check(os.path.isfile(ckpt_path), 'init_from', init_from,
-                               f"there is no {ckpt_path} to continue: pass the run's --out_dir, or start a new run")
-            ckpt = load_checkpoint(out_dir)
-            resume_settings(ckpt, given)
-            status = last_checkpoint(ckpt['step'])
+            ckpt = checkpoints.latest(out_dir)
+            configurator.check(ckpt is not None, 'init_from', init_from, f"there is no {out_dir}/ckpt.pt or "
+                               f"{out_dir}/{checkpoints.SHARDED}/ to continue: pass the run's --out_dir, or start a new run")
+            globals().update(checkpoints.resumed_settings(ckpt, given, NAMES, RESUMABLE, out_dir))
+            status = last_checkpoint(ckpt.get('sharded') or os.path.join(out_dir, 'ckpt.pt'), ckpt['step'])
         elif init_from != 'scratch':
             ckpt = load_checkpoint(init_from)
         if not resume and not eval_only:
             status = run.status()
         settings = {name: globals()[name] for name in NAMES}  # saved with each checkpoint, with where the model began:
         settings['init_from'] = ckpt['settings'].get('init_from', 'scratch') if resume else init_from
+        if dry_run:  # the model this run would train, built on the meta device: any machine can
+            config = GPTConfig(**{**ckpt['config'], **({} if resume else dict(attention=attention))}) if ckpt else \
+                GPTConfig.named(model, attention=attention, feature_map=feature_map, feature_seed=feature_seed,
+                                block_size=block_size)
+            return print(memory_line(memory_estimate.shapes_only(config), gpus or int(os.environ.get('WORLD_SIZE', 1)),
+                                     'cuda' if gpu_memory == 0 and torch.cuda.is_available() else 'cpu'), flush=True)
+        configurator.check(not fsdp or 'RANK' in os.environ, 'fsdp', fsdp, "FSDP runs under torchrun: torchrun "
+                           "--standalone --nproc_per_node=N train.py ... (N=1 on one GPU)")
         device = ranks.start(device, cpu_threads, join_timeout)
         dtype = 'bfloat16' if pick_device(device, dtype)[1] == torch.bfloat16 else 'float32'
         with ranks.one_voice(kept):
@@ -275,9 +256,7 @@ def train(run, ckpt, settings, given):
     global status, memory, micro_batch_size, max_iters, lr_decay_iters
     master = ranks.rank == 0  # logs and writes checkpoints
     resume = init_from == 'resume'
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
+    checkpoints.seed_all(seed)
     autocast = torch.autocast(device.partition(':')[0], dtype=torch.bfloat16) if dtype == 'bfloat16' else nullcontext()
 
     # Data: the demo's is built on first use, by rank 0 while the others wait
@@ -285,12 +264,7 @@ def train(run, ckpt, settings, given):
         from data.stdlib.prepare import build  # here: only the demo needs it
         build(out_dir=data_dir)
     ranks.barrier()
-    train_data, val_data = Shards(data_dir, 'train', block_size), Shards(data_dir, 'val', block_size)
-    val_data.check_tokenizer(train_data.tokenizer, train_data.vocab_size, "rerun data/prepare.py into an empty folder")
-    splits = {'val_loss': val_data}  # and a second, out-of-distribution val split, where data/prepare.py wrote one
-    if any(name.startswith('val_ood_') and name.endswith('.bin') for name in os.listdir(data_dir)):
-        splits['val_loss_ood'] = Shards(data_dir, 'val_ood', block_size)
-        splits['val_loss_ood'].check_tokenizer(train_data.tokenizer, train_data.vocab_size, "rerun data/prepare.py")
+    train_data, splits = splits_of(data_dir, block_size)
     micro_batch_size, accumulation = split_batch(batch_size, block_size, micro_batch_size)
     windows_per_step = batch_size // block_size
     max_iters = max_iters or train_data.num_windows // windows_per_step  # 0: one epoch
@@ -312,8 +286,11 @@ def train(run, ckpt, settings, given):
                 configurator.check(name not in given, name, given.get(name), f"{init_from} holds "
                                    "its own model; this applies to a model from scratch, or feature_* to new layers")
         new_layers = dict(feature_map=feature_map, feature_seed=feature_seed) if linearize else {}
-        gpt = GPT.from_state(ckpt, source, form, **({} if resume else dict(attention=attention)), **new_layers)
-        identity = tokenizer_of(ckpt, source)
+        if 'sharded' in ckpt:  # its weights come from the shards, once it is sharded
+            gpt = memory_estimate.shapes_only(GPTConfig(**ckpt['config'])).set_form(form)
+        else:
+            gpt = GPT.from_state(ckpt, source, form, **({} if resume else dict(attention=attention)), **new_layers)
+        identity = checkpoints.tokenizer_of(ckpt, source)
         fix = ("resume on the data the run used, or start a new run" if resume else
                f"tokenize with python data/prepare.py --tokenizer={init_from} ...")
         train_data.check_tokenizer(identity, gpt.config.vocab_size, fix)
@@ -333,19 +310,15 @@ def train(run, ckpt, settings, given):
               f"{micro_batch_size}, block_size={block_size}{each_rank}: lower --micro_batch_size "
               f"(batch_size={batch_size} stays: more micro-steps add up to it), shorten --block_size, or spread the "
               "batch over more ranks (torchrun --nproc_per_node=N)")
-    gpt.to(device=device, dtype=torch.float32)  # fp32 weights (a converted checkpoint may hold bf16); autocast computes in bf16
+    sharded = resume and 'sharded' in ckpt
+    sharding.place(gpt, device, fsdp=fsdp, bf16=dtype == 'bfloat16', cpu_offload=cpu_offload,
+                   activation_checkpointing=activation_checkpointing, from_shards=sharded)
     optimizer = adamw(gpt.parameters(), lr, weight_decay, betas, device)
-    start_step, position = 0, 0  # optimizer steps done and windows consumed
-    if resume:
-        start_step, position = ckpt['step'], ckpt['data_position']
-        try:
-            optimizer.load_state_dict(ckpt['optimizer'])
-            set_rng_state(ckpt['rng'])
-        except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
-            raise ValueError(f"{os.path.join(out_dir, 'ckpt.pt')}: its optimizer or random state does not fit the model "
-                             f"({type(e).__name__}): the file is damaged; restore it, or start a new run") from None
+    if master:
+        print(memory_line(gpt, ranks.world_size, device), flush=True)
+    start_step, position = checkpoints.resume(ckpt, gpt, optimizer, out_dir) if resume else (0, 0)  # steps, windows read
     eval_model = torch.compile(gpt) if compile else gpt
-    train_model = DDP(eval_model, device_ids=[ranks.local_rank] if device.startswith('cuda') else None) if ranks.ddp else eval_model
+    train_model = eval_model if fsdp else sharding.replicate(eval_model, device)
 
     @torch.no_grad()
     def evaluate():
@@ -369,13 +342,14 @@ def train(run, ckpt, settings, given):
         for micro_step in range(accumulation):
             x, y = get_batch(train_data, position, micro_step, micro_batch_size, device)
             last = micro_step == accumulation - 1
-            with (nullcontext() if last or not ranks.ddp else train_model.no_sync()):  # all-reduce grads once, at the last
+            # DDP all-reduces the gradients once, at the last; FSDP reduce-scatters each micro-step's into the shards
+            with (train_model.no_sync() if isinstance(train_model, DDP) and not last else nullcontext()):
                 with autocast:
                     _, loss = train_model(x, y)
                 (loss / accumulation).backward()
             loss_sum += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(gpt.parameters(), grad_clip if grad_clip > 0 else math.inf)
-        return ranks.mean(loss_sum / accumulation), grad_norm.item()
+        grad_norm = sharding.clip_gradients(gpt, grad_clip if grad_clip > 0 else math.inf)
+        return ranks.mean(loss_sum / accumulation), grad_norm
 
     log_path = os.path.join(out_dir, 'log.jsonl')
     if master and not eval_only:
@@ -424,23 +398,22 @@ def train(run, ckpt, settings, given):
             row.update(evaluate())
             check_finite('val loss', row['val_loss'], step)
             with interrupts_deferred():  # a Ctrl-C or SIGTERM now stops the run once the checkpoint is whole
-                if master:  # written whole or not at all (atomic.py): a full disk leaves the last one as it was
-                    gpt.save_checkpoint(out_dir, optimizer=optimizer.state_dict(), step=step, data_position=position,
-                                        tokenizer=identity, settings=settings, rng=rng_state(),
-                                        train_tokens=train_data.num_tokens)
+                checkpoints.save(out_dir, gpt, optimizer, fsdp, step=step, data_position=position, tokenizer=identity,
+                                 settings=settings, train_tokens=train_data.num_tokens)
                 run.checkpointed()
-                status = last_checkpoint(step)
+                status = last_checkpoint(os.path.join(out_dir, checkpoints.SHARDED if fsdp else 'ckpt.pt'), step)
         if step % log_interval == 0 or 'val_loss' in row:
             tokens_per_s = batch_size * steps_timed / max(step_seconds, 1e-9)
-            row.update(tokens_per_s=tokens_per_s, peak_mem_mib=peak_memory_mib(device))
+            row.update(tokens_per_s=tokens_per_s, peak_mem_mib=memory_estimate.peak_mib(device))
             if peak:
                 row['mfu'] = flops_per_token * tokens_per_s / (peak * ranks.world_size)
             log(row)
             step_seconds, steps_timed = 0.0, 0
     if master:
         val = f", val loss {row['val_loss']:.4f}" if 'val_loss' in row else ''
-        print(f"the model is in {out_dir}/ (ckpt.pt, step {max_iters}{val}); sample it with: "
-              f"python sample.py --out_dir={out_dir}", flush=True)
+        how = f"python consolidate.py --out_dir={out_dir}, then " if fsdp else ''
+        print(f"the model is in {out_dir}/ ({checkpoints.SHARDED + '/' if fsdp else 'ckpt.pt'}, step {max_iters}{val}); "
+              f"sample it with: {how}python sample.py --out_dir={out_dir}", flush=True)
 
 
 if __name__ == '__main__':

@@ -36,10 +36,11 @@ import torch  # noqa: E402
 
 import ranks  # noqa: E402
 from atomic import atomic_write  # noqa: E402
+from checkpoints import tokenizer_of  # noqa: E402
 from dijiang import FEATURE_MAPS, FORMS, GPT, load_checkpoint, pick_device  # noqa: E402
 from rundir import RunDir, append_log  # noqa: E402
 from shards import Shards  # noqa: E402
-from train import adamw, check_finite, cosine_lr, get_batch, split_batch, tokenizer_of  # noqa: E402
+from train import adamw, check_finite, cosine_lr, get_batch, split_batch  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # settings: each can be overridden as --name=value
