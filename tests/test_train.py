@@ -85,8 +85,9 @@ def max_difference(a, b):
     return max((a[name] - tensor).abs().max().item() for name, tensor in b.items())
 
 
-# Runs a script under torchrun as `python script ...` would, and then prints a checksum of the weights
-# this rank trained (the module DDP wrapped): under DDP every rank must hold the same weights.
+# Runs a script under torchrun as `python script ...` would, and then writes a checksum of the weights
+# this rank trained (the module DDP wrapped) into CHECKSUMS/RANK: under DDP every rank must hold the same
+# weights. A file, not stdout: a line a worker prints as it exits does not always reach torchrun's stdout.
 RANK_WEIGHTS = '''
 import os, runpy, sys
 import torch
@@ -101,7 +102,8 @@ sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name='__main__')
 if models:
     checksum = sum(p.detach().double().sum().item() for p in models[0].parameters())
-    print(f"rank {os.environ['RANK']}: weights checksum {checksum!r}", flush=True)
+    with open(os.path.join(os.environ['CHECKSUMS'], os.environ['RANK']), 'w') as f:
+        f.write(repr(checksum))
 '''
 
 
@@ -109,8 +111,8 @@ def torchrun(tmp_path, *args, nproc=2):
     wrapper = tmp_path / 'rank_weights.py'
     wrapper.write_text(RANK_WEIGHTS)
     result = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}',
-                             str(wrapper), *args], cwd=REPO, env={**ENV, 'PYTHONPATH': REPO}, capture_output=True,
-                            text=True, timeout=240)
+                             str(wrapper), *args], cwd=REPO, env={**ENV, 'PYTHONPATH': REPO, 'CHECKSUMS': str(tmp_path)},
+                            capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout
 
@@ -121,12 +123,12 @@ def test_ddp_matches_one_process(data_dir, tmp_path):
     output = torchrun(tmp_path, 'train.py', f'--out_dir={ddp_dir}', '--micro_batch_size=2', *common)
     assert '6 steps of 256 tokens = 2 ranks * 2 micro-steps * 2 * 32' in output
     # the weights are the same on both ranks, and they are the ones rank 0 saved
-    sums = dict(re.findall(r'rank (\d): weights checksum (\S+)', output))
+    sums = [float((tmp_path / rank).read_text()) for rank in ('0', '1')]
     saved = sum(p.double().sum().item() for p in GPT.from_checkpoint(ddp_dir).parameters())
-    assert sums.keys() == {'0', '1'} and float(sums['0']) == float(sums['1']) == saved
-    train_lines = [line for line in output.splitlines() if not line.startswith('rank ')]  # the wrapper's are last
-    assert train_lines[-1] == (f'the model is in {ddp_dir}/ (ckpt.pt, step 6, val loss {read_log(ddp_dir)[-1]["val_loss"]:.4f}); '
-                               f'sample it with: python sample.py --out_dir={ddp_dir}')  # rank 0's line alone
+    assert sums[0] == sums[1] == saved
+    assert output.splitlines()[-1] == (f'the model is in {ddp_dir}/ (ckpt.pt, step 6, val loss '
+                                       f'{read_log(ddp_dir)[-1]["val_loss"]:.4f}); sample it with: python sample.py '
+                                       f'--out_dir={ddp_dir}')  # rank 0's line alone
 
     # the loss goes down
     log = read_log(ddp_dir)
