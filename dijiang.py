@@ -82,8 +82,9 @@ class GPTConfig:
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}: use one of {', '.join(allowed)}")
-        if min(self.vocab_size, self.n_layer, self.n_head, self.n_kv_head, self.n_embd, self.block_size, self.chunk_size) < 1:
-            raise ValueError("vocab_size, n_layer, n_head, n_kv_head, n_embd, block_size and chunk_size must be positive")
+        for name in ('vocab_size', 'n_layer', 'n_head', 'n_kv_head', 'n_embd', 'block_size', 'chunk_size'):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: must be positive")
         if self.n_embd % self.n_head or self.n_head % self.n_kv_head:
             raise ValueError(f"n_embd={self.n_embd}, n_head={self.n_head}, n_kv_head={self.n_kv_head}: n_embd must "
                              "divide into n_head heads, and n_head into n_kv_head groups")
