@@ -42,6 +42,13 @@ def stop_on_signals():
             signal.signal(signum, handler)
 
 
+def passive_openmp():
+    """OpenMP's worker threads wait passively: spinning while they wait for work makes a model on a CPU
+    that also runs anything else many times slower (a small model's training ten times), and waiting
+    passively costs little on an idle one. OpenMP reads this when torch loads it: call it before."""
+    os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+
+
 def parse_literal(name, text, default):
     """The value that --name=text gives a setting whose default is default: a string setting takes the
     text as written, a float one any number (also inf and nan), the others a Python literal of its type."""

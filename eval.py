@@ -29,9 +29,7 @@ import os  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 
-# OpenMP's worker threads spin while they wait for work, which makes a model on a busy CPU many times
-# slower; waiting passively costs little on an idle one. OpenMP reads this when torch loads it.
-os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+configurator.passive_openmp()  # before torch loads OpenMP
 
 from atomic import atomic_write_text  # noqa: E402
 from dijiang import load  # noqa: E402

@@ -42,10 +42,7 @@ import sys  # noqa: E402
 import time  # noqa: E402
 from contextlib import nullcontext  # noqa: E402
 
-# OpenMP's worker threads spin while they wait for work: on a CPU that also runs anything else, that
-# makes a small model's training ten times slower; waiting passively costs little on an idle one.
-# OpenMP reads this when torch loads it, so it is set before the imports below.
-os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+configurator.passive_openmp()  # before torch loads OpenMP
 
 import torch  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
