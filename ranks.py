@@ -63,26 +63,28 @@ def start(device='auto', cpu_threads=0, join_timeout=60):
     address = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
     try:  # the store's timeout is the wait for the others to join; collectives keep torch's own
         store = next(dist.rendezvous('env://', timeout=timedelta(seconds=join_timeout)))[0]
-        dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo', store=store, rank=rank,
-                                world_size=world_size)
+        cuda = device.startswith('cuda')  # NCCL's device_id: its communicator is made now, not at the first collective
+        dist.init_process_group('nccl' if cuda else 'gloo', store=store, rank=rank, world_size=world_size,
+                                device_id=torch.device(device) if cuda else None)
     except dist.DistError as e:  # a rank, or rank 0's store, did not come
         raise ValueError(f"rank {rank} of {world_size}: the ranks did not all join at {address} within "
                          f"join_timeout={join_timeout} s ({str(e).strip().splitlines()[0][:120]}): start every rank "
                          "(torchrun does), or raise --join_timeout") from None
-    if rank == 0:
-        threading.Thread(target=say_other_failure, daemon=True).start()
+    if rank == 0:  # the watcher waits on its own connection: a store client blocks every caller while one waits
+        threading.Thread(target=say_other_failure, args=(store.clone(),), daemon=True).start()
     return device
 
 
-def say_other_failure():
-    """Rank 0's watcher: print the line of the first other rank that fails, unless rank 0 fails by itself
-    within a second (a failure every rank shares, as a bad setting: rank 0's own line says it)."""
+def say_other_failure(watch):
+    """Rank 0's watcher, on watch (a connection to the store of its own): print the line of the first other
+    rank that fails, unless rank 0 fails by itself within a second (a failure every rank shares, as a bad
+    setting: rank 0's own line says it)."""
     try:
-        store.wait([STOPPED], timedelta(days=365))
+        watch.wait([STOPPED], timedelta(days=365))
     except dist.DistError:  # the store is gone: the run is over
         return
     time.sleep(1)
-    say(store.get(STOPPED).decode())
+    say(watch.get(STOPPED).decode())
 
 
 def say(stopped):

@@ -671,6 +671,18 @@ def test_a_rank_that_fails_is_named_by_rank_0(run_dir, tmp_path):
         {path: data for path, data in before.items() if not path.endswith('log.jsonl')}
 
 
+def test_rank_0_answers_the_store_while_its_watcher_waits():
+    # NCCL makes its communicator through the store at the first collective, from the main thread, while
+    # rank 0's watcher waits there for another rank's failure: the two must not share one connection
+    # (a store client blocks every caller while one waits, and CUDA runs under torchrun hung at the start)
+    code = ("import time, ranks; ranks.start('cpu'); time.sleep(0.5); ranks.store.set('probe', 'answered'); "
+            "print(ranks.store.get('probe').decode())")
+    env = {**ENV, 'PYTHONPATH': ROOT, 'MASTER_ADDR': '127.0.0.1', 'MASTER_PORT': str(free_port()), 'RANK': '0',
+           'WORLD_SIZE': '1'}
+    result = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stdout) == (0, 'answered\n'), result.stderr
+
+
 def test_a_missing_rank_and_a_missing_master_are_one_line(train_data, tmp_path, monkeypatch, capfd):
     out_dir = tmp_path / 'out'
     monkeypatch.setenv('RANK', '0')
