@@ -273,8 +273,10 @@ def train(run, ckpt, settings, given):
     source = out_dir if resume else init_from
     if init_from == 'scratch':
         vocab_size = -(-train_data.vocab_size // 128) * 128  # padded to a multiple of 128, as GPT-NeoX does
-        gpt = GPT(GPTConfig.named(model, attention=attention, feature_map=feature_map, feature_seed=feature_seed,
-                                  block_size=block_size, vocab_size=vocab_size), form)
+        with torch.device('cpu' if fsdp else device):  # initialized where it trains (a 2.8B model's init takes minutes
+            # on a CPU); under FSDP on the CPU, so that the whole model is never on one GPU
+            gpt = GPT(GPTConfig.named(model, attention=attention, feature_map=feature_map, feature_seed=feature_seed,
+                                      block_size=block_size, vocab_size=vocab_size), form)
         identity = train_data.tokenizer
     else:
         linearize = not resume and ckpt['config'].get('attention') == 'softmax' and attention == 'dijiang'
