@@ -40,7 +40,8 @@ out_dir = 'out'  # the model: a directory written by convert.py or train.py
 tasks = ''  # comma-separated lm-eval task names and task YAML files, e.g. piqa,arc_easy,my_tasks/quiz.yaml
 limit = 0  # score only the first limit documents of each task (a quick look, not a result); 0 means all
 batch_size = 16  # sequences per forward pass (a context's continuations always share one)
-share_context = True  # read each context once and score its continuations from copies of the state or KV cache
+share_context = 'auto'  # 'True': read each context once and score its continuations from copies of the state or
+                        # KV cache; 'False': read each pair whole; 'auto': True on a CPU, False on a GPU (faster there)
 overlap = 0.5  # perplexity tasks on a softmax model: the fraction of its window each window re-reads as context
 device = 'auto'  # 'auto' (cuda when available, else cpu), 'cpu', 'cuda', 'cuda:1', ...
 dtype = 'auto'  # 'auto' (bfloat16 on CUDA, float32 on CPU), 'bfloat16', 'float16' or 'float32'
@@ -66,6 +67,7 @@ def main():
     configurator.check(limit >= 0, 'limit', limit, "use 0 for every document, or a positive count")
     configurator.check(batch_size >= 1, 'batch_size', batch_size, "use 1 or more")
     configurator.check(0 <= overlap < 1, 'overlap', overlap, "use a fraction of the window in [0, 1)")
+    configurator.check(share_context in ('auto', 'True', 'False'), 'share_context', share_context, "use auto, True or False")
     try:
         import lm_eval
     except ImportError:
@@ -77,7 +79,7 @@ def main():
     path = out or os.path.join(out_dir, f"eval-{'+'.join(names)}{f'-limit{limit}' if limit else ''}.json")
     model, tokenizer = load(out_dir, device, dtype)  # first: a wrong directory is one line, before any task is read
     manager, task_objects = load_tasks(specs)
-    lm = DiJiangLM(model, tokenizer, batch_size, share_context, overlap)
+    lm = DiJiangLM(model, tokenizer, batch_size, {'True': True, 'False': False}.get(share_context, 'auto'), overlap)
     t0 = time.perf_counter()
     results = lm_eval.simple_evaluate(model=lm, tasks=task_objects, task_manager=manager, limit=limit or None)
     seconds = time.perf_counter() - t0
@@ -91,7 +93,7 @@ def main():
         print(f"mean acc over {len(accuracies)} task(s): {mean_acc:.4f}")
     weights = model.lm_head.weight
     record = dict(model_dir=os.path.abspath(out_dir), commit=git_commit(), lm_eval_version=lm_eval.__version__,
-                  tasks=specs, limit=limit, batch_size=batch_size, share_context=share_context, overlap=overlap,
+                  tasks=specs, limit=limit, batch_size=batch_size, share_context=lm.share_context, overlap=overlap,
                   device=str(weights.device), dtype=str(weights.dtype).removeprefix('torch.'),
                   seconds=round(seconds, 1), mean_acc=mean_acc,
                   versions=results['versions'], results=results['results'], groups=results.get('groups', {}),

@@ -263,6 +263,16 @@ def test_generate_until_is_greedy_generate_cut_at_the_stop_string(attention):
     assert out == text  # no stop string: max_gen_toks tokens
 
 
+def test_share_context_auto_shares_on_a_cpu_only():
+    model = tiny_model('dijiang')
+    assert DiJiangLM(model, BYTES).share_context is True  # 'auto' on a CPU
+    assert DiJiangLM(model, BYTES, share_context=False).share_context is False
+    with torch.device('meta'):  # any other device: whole pairs
+        assert DiJiangLM(GPT(model.config), BYTES).share_context is False
+    with pytest.raises(ValueError, match="share_context='yes': use True, False or 'auto'"):
+        DiJiangLM(model, BYTES, share_context='yes')
+
+
 def test_registered_model_loads_a_directory(tmp_path):
     model = tiny_model('dijiang')
     model.save_checkpoint(tmp_path, tokenizer='bytes')
@@ -283,6 +293,8 @@ def test_bad_input_is_one_error_line(tmp_path, capsys, quiz, monkeypatch):
 
     assert_one_error_line(*run(f'--out_dir={tmp_path / "nothing"}', f'--tasks={path}'), 'nothing', 'ckpt.pt')
     assert_one_error_line(*run(f'--out_dir={model_dir}', '--tasks='), 'tasks')
+    assert_one_error_line(*run(f'--out_dir={model_dir}', f'--tasks={path}', '--share_context=yes'),
+                          'share_context', 'auto, True or False')
     assert_one_error_line(*run(f'--out_dir={model_dir}', f'--tasks={tmp_path / "missing.yaml"}'), 'missing.yaml')
     # a local task whose data cannot be read, as a named task's data offline: the line names the task
     gone = tmp_path / 'gone.yaml'
