@@ -335,7 +335,8 @@ def execute(runs):
     active, failed = {}, []
     try:
         while todo or active:
-            ready = [run for run in todo if run.transfer is None or finished(run.transfer)]
+            ready = [run for run in todo if run.transfer is None  # its transfer done, its process gone
+                     or finished(run.transfer) and run.transfer.name not in active]
             if not ready and not active:  # what is left starts from transfers that failed
                 failed += [(run, f'not started: {run.transfer.name} failed') for run in todo]
                 break
