@@ -43,7 +43,8 @@ import torch.nn.functional as F  # noqa: E402
 
 import bench_report  # noqa: E402
 from bench_report import SECTIONS, is_number  # noqa: E402
-from dijiang import ATTENTIONS, CONFIGS, GPT, Cache, DiJiangAttention, GPTConfig, feature_map, pick_device  # noqa: E402
+from dijiang import ATTENTIONS, CONFIGS, GPT, Cache, DiJiangAttention, GPTConfig, feature_map  # noqa: E402
+from model_dir import pick_device  # noqa: E402
 from fast.cuda_graph_decode import CUDAGraphDecoder, why_not_fused  # noqa: E402
 
 try:  # the 'kernel' row: Triton ships with PyTorch's CUDA builds, not with the CPU ones

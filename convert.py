@@ -1,5 +1,5 @@
 """
-Convert a pretrained model into a directory that sample.py, train.py and dijiang.load read: ckpt.pt,
+Convert a pretrained model into a directory that sample.py, train.py and model_dir.load read: ckpt.pt,
 config.json, tokenizer.json (Hugging Face's format: HF tools read it too) and convert.json, which says
 what was converted from where. convert.py replaces a folder only when it holds its own files alone.
 

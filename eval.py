@@ -32,7 +32,7 @@ import time  # noqa: E402
 configurator.passive_openmp()  # before torch loads OpenMP
 
 from atomic import atomic_write_text  # noqa: E402
-from dijiang import load  # noqa: E402
+from model_dir import load  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # settings: each can be overridden as --name=value

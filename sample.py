@@ -26,7 +26,7 @@ configurator.passive_openmp()  # before torch loads OpenMP
 
 import torch  # noqa: E402
 
-from dijiang import load  # noqa: E402
+from model_dir import load  # noqa: E402
 from fast.cuda_graph_decode import CUDAGraphDecoder, why_not_fused  # noqa: E402
 
 # -----------------------------------------------------------------------------

@@ -52,7 +52,8 @@ import memory as memory_estimate  # noqa: E402
 import ranks  # noqa: E402
 import sharding  # noqa: E402
 from atomic import atomic_write, atomic_write_text, interrupts_deferred  # noqa: E402
-from dijiang import ATTENTIONS, CONFIGS, FEATURE_MAPS, FORMS, GPT, GPTConfig, load_checkpoint, pick_device  # noqa: E402
+from dijiang import ATTENTIONS, CONFIGS, FEATURE_MAPS, FORMS, GPT, GPTConfig  # noqa: E402
+from model_dir import build_model, load_checkpoint, pick_device  # noqa: E402
 from rundir import RunDir, append_log, log_up_to  # noqa: E402
 from shards import splits_of  # noqa: E402
 
@@ -288,7 +289,7 @@ def train(run, ckpt, settings, given):
         if 'sharded' in ckpt:  # its weights come from the shards, once it is sharded
             gpt = memory_estimate.shapes_only(GPTConfig(**ckpt['config'])).set_form(form)
         else:
-            gpt = GPT.from_state(ckpt, source, form, **({} if resume else dict(attention=attention)), **new_layers)
+            gpt = build_model(ckpt, source, form, **({} if resume else dict(attention=attention)), **new_layers)
         identity = checkpoints.tokenizer_of(ckpt, source)
         fix = ("resume on the data the run used, or start a new run" if resume else
                f"tokenize with python data/prepare.py --tokenizer={init_from} ...")

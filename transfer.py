@@ -37,7 +37,8 @@ import torch  # noqa: E402
 import ranks  # noqa: E402
 from atomic import atomic_write  # noqa: E402
 from checkpoints import tokenizer_of  # noqa: E402
-from dijiang import FEATURE_MAPS, FORMS, GPT, load_checkpoint, pick_device  # noqa: E402
+from dijiang import FEATURE_MAPS, FORMS  # noqa: E402
+from model_dir import build_model, load_checkpoint, pick_device  # noqa: E402
 from rundir import RunDir, append_log  # noqa: E402
 from shards import Shards  # noqa: E402
 from train import adamw, check_finite, cosine_lr, get_batch, split_batch  # noqa: E402
@@ -122,11 +123,11 @@ def main():
     with ranks.one_voice(lambda: status), RunDir(out_dir, True, overwrite, owner=ranks.rank == 0) as run:
         status = run.status()
         torch.manual_seed(seed)  # the student first: W_G is drawn as train.py draws it when it linearizes
-        student = GPT.from_state(ckpt, init_from, form, attention='dijiang', feature_map=feature_map,
-                                 feature_seed=feature_seed).to(device=device, dtype=torch.float32)
+        student = build_model(ckpt, init_from, form, attention='dijiang', feature_map=feature_map,
+                              feature_seed=feature_seed).to(device=device, dtype=torch.float32)
         for p in student.parameters():  # its own copy: the teacher shares the checkpoint's tensors
             p.data = p.data.clone()
-        teacher = GPT.from_state(ckpt, init_from).to(device=device, dtype=torch.float32).eval().requires_grad_(False)
+        teacher = build_model(ckpt, init_from).to(device=device, dtype=torch.float32).eval().requires_grad_(False)
         data = Shards(data_dir, 'train', block_size)
         identity = tokenizer_of(ckpt, init_from)
         data.check_tokenizer(identity, teacher.config.vocab_size,

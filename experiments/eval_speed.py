@@ -38,7 +38,8 @@ configurator.passive_openmp()  # before torch loads OpenMP
 import torch  # noqa: E402
 
 from atomic import atomic_write_text  # noqa: E402
-from dijiang import GPT, GPTConfig, load, pick_device  # noqa: E402
+from dijiang import GPT, GPTConfig  # noqa: E402
+from model_dir import load, pick_device  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
 # -----------------------------------------------------------------------------

@@ -660,7 +660,8 @@ def print_budget(plan):
 def print_identity_path():
     """On a GPU: whether the identity map's runs take the fused kernels, which need bf16 inputs (train.py's
     bfloat16 autocast gives them), or the PyTorch chunk loop, several times slower."""
-    from dijiang import DiJiangAttention, GPTConfig, pick_device
+    from dijiang import DiJiangAttention, GPTConfig
+    from model_dir import pick_device
     device, run_dtype = pick_device('auto', dtype)
     config = GPTConfig.named(model, feature_map='identity', block_size=block_size, vocab_size=256)
     q = torch.zeros(1, config.chunk_size, config.n_head, config.head_size, device=device, dtype=run_dtype)
