@@ -26,8 +26,9 @@ every section there that it does not measure again. bench_report.py prints the t
 """
 
 import configurator
+import signals
 
-configurator.stop_on_signals()  # before the heavy imports: Ctrl-C while torch loads is one line too
+signals.stop_on_signals()  # before the heavy imports: Ctrl-C while torch loads is one line too
 
 import gc  # noqa: E402
 import inspect  # noqa: E402

@@ -24,8 +24,9 @@ printed when training moved them).
 """
 
 import configurator
+import signals
 
-configurator.stop_on_signals()  # before the heavy imports: Ctrl-C while torch loads is one line too
+signals.stop_on_signals()  # before the heavy imports: Ctrl-C while torch loads is one line too
 
 import json  # noqa: E402
 import os  # noqa: E402

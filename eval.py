@@ -21,8 +21,9 @@ Needs lm-eval: pip install lm-eval==0.4.13
 """
 
 import configurator
+import signals
 
-configurator.stop_on_signals()  # before the heavy imports: Ctrl-C while torch loads is one line too
+signals.stop_on_signals()  # before the heavy imports: Ctrl-C while torch loads is one line too
 
 import json  # noqa: E402
 import os  # noqa: E402

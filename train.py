@@ -32,8 +32,9 @@ Under torchrun rank 0 alone speaks, also for another rank that failed (ranks.py)
 """
 
 import configurator
+import signals
 
-configurator.stop_on_signals()  # before the heavy imports: Ctrl-C while torch loads is one line too
+signals.stop_on_signals()  # before the heavy imports: Ctrl-C while torch loads is one line too
 
 import math  # noqa: E402
 import os  # noqa: E402

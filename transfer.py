@@ -23,8 +23,9 @@ the layers are called one by one, not through DDP's forward.
 """
 
 import configurator
+import signals
 
-configurator.stop_on_signals()  # before the heavy imports: Ctrl-C while torch loads is one line too
+signals.stop_on_signals()  # before the heavy imports: Ctrl-C while torch loads is one line too
 
 import math  # noqa: E402
 import os  # noqa: E402

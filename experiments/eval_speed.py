@@ -24,8 +24,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 import configurator  # noqa: E402
+import signals  # noqa: E402
 
-configurator.stop_on_signals()
+signals.stop_on_signals()
 
 import json  # noqa: E402
 import random  # noqa: E402

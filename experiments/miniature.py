@@ -57,9 +57,10 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the repo's modules
 import configurator  # noqa: E402
+import signals  # noqa: E402
 
 if __name__ == '__main__':  # imported (by the tests), the signals are the importing process's
-    configurator.stop_on_signals()  # before the heavy imports: Ctrl-C while torch loads is one line too
+    signals.stop_on_signals()  # before the heavy imports: Ctrl-C while torch loads is one line too
 
 import json  # noqa: E402
 import math  # noqa: E402
