@@ -42,7 +42,7 @@ from dijiang import FEATURE_MAPS, FORMS  # noqa: E402
 from model_dir import build_model, load_checkpoint, pick_device  # noqa: E402
 from rundir import RunDir, append_log  # noqa: E402
 from shards import Shards  # noqa: E402
-from train import adamw, check_finite, cosine_lr, get_batch, split_batch  # noqa: E402
+from training import adamw, check_finite, cosine_lr, get_batch, split_batch  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # settings: each can be overridden as --name=value
@@ -156,8 +156,8 @@ def main():
             ranks.average_gradients(params)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf).item()
             mse = ranks.mean(mse_sum / (accumulation * len(pairs)))
-            check_finite('transfer MSE', mse, step)
-            check_finite('gradient norm', grad_norm, step)
+            check_finite('transfer MSE', mse, step, status)
+            check_finite('gradient norm', grad_norm, step, status)
             step_lr = cosine_lr(step - 1, lr, max(1, iters // 10), iters, min_lr)
             for group in optimizer.param_groups:
                 group['lr'] = step_lr
