@@ -22,15 +22,16 @@ Each number is the median of repeats after a warmup (CUDA events on the GPU, per
 CPU); running out of memory is recorded as 'OOM', a non-finite output as 'nan', any other failure as
 'error: ...', and the run goes on. Softmax models get block_size raised to the longest context measured.
 Results go to --out, {model: {section: {meta, rows, notes, error}}}, saved after every row; a run keeps
-every section there that it does not measure again. bench_report.py prints the tables and draws --plot.
+every section there that it does not measure again. bench_report.py shows and saves each row, prints the
+tables and draws --plot; baselines.py holds the attentions DiJiang's is measured against.
 """
 
 import configurator
+import signals
 
-configurator.stop_on_signals()  # before the heavy imports: Ctrl-C while torch loads is one line too
+signals.stop_on_signals()  # before the heavy imports: Ctrl-C while torch loads is one line too
 
 import gc  # noqa: E402
-import inspect  # noqa: E402
 import os  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
@@ -39,11 +40,12 @@ from contextlib import nullcontext  # noqa: E402
 from dataclasses import asdict  # noqa: E402
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 import bench_report  # noqa: E402
 from bench_report import SECTIONS, is_number  # noqa: E402
-from dijiang import ATTENTIONS, CONFIGS, GPT, Cache, DiJiangAttention, GPTConfig, feature_map, pick_device  # noqa: E402
+from baselines import fla_attention, released_attention, sdpa_attention  # noqa: E402
+from dijiang import ATTENTIONS, CONFIGS, GPT, Cache, DiJiangAttention, GPTConfig  # noqa: E402
+from model_dir import pick_device  # noqa: E402
 from fast.cuda_graph_decode import CUDAGraphDecoder, why_not_fused  # noqa: E402
 
 try:  # the 'kernel' row: Triton ships with PyTorch's CUDA builds, not with the CPU ones
@@ -168,42 +170,6 @@ def peak_gib():
 
 # -----------------------------------------------------------------------------
 # 1. The attention op. Every op takes q (B, N, H, D), k and v (B, N, H_kv, D), and returns o (B, N, H, D).
-
-
-def sdpa_attention(q, k, v):
-    """What SoftmaxAttention runs: SDPA on (B, heads, N, D) views of the (B, N, heads, D) projections."""
-    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-                                       enable_gqa=k.shape[2] < q.shape[2])
-    return o.transpose(1, 2)
-
-
-def released_attention(q, k, v, proj, decay):
-    """The released code's quadratic form: (phi(Q) D1)(phi(K) D2)^T, causally masked, times V, with
-    D1 = gamma^n and D2 = gamma^-n in fp32 and the products in the input dtype, as under bf16 autocast.
-    gamma^-n passes fp32's maximum at n ~ 2797 for gamma = 0.96875 (the first head), and the output
-    turns inf or NaN from there on. q, k, v (B, N, H, D): one key and value head per query head."""
-    B, N, H, D = q.shape
-    n = torch.arange(N, device=q.device, dtype=torch.float32)
-    gamma = decay.float().view(1, 1, H, 1)
-    D1, D2 = gamma ** n.view(1, N, 1, 1), gamma ** -n.view(1, N, 1, 1)  # (1, N, H, 1)
-    q_scaled = (feature_map(q, proj) * D1).to(v.dtype)
-    k_scaled = (feature_map(k, proj) * D2).to(v.dtype)
-    scores = torch.einsum('bnhd,bmhd->bhnm', q_scaled, k_scaled)  # (B, H, N, N)
-    causal = torch.ones(N, N, dtype=torch.bool, device=q.device).tril()
-    scores = scores * causal  # multiplied, as released: inf * 0 is NaN
-    return torch.einsum('bhnm,bmhd->bnhd', scores, v)
-
-
-def fla_attention(q, k, v, proj, decay):
-    """fla's chunk_simple_gla (fla-core on PyPI, Triton), in its (B, N, H, D) layout, fed our feature
-    map; the decay goes in as the log gate per token, and no 1/sqrt(D) scale, as DiJiang."""
-    from fla.ops.simple_gla import chunk_simple_gla
-    B, N, H, D = q.shape
-    phi_q, phi_k = feature_map(q, proj).to(v.dtype), feature_map(k, proj).to(v.dtype)
-    log_gate = decay.float().log().view(1, 1, H).expand(B, N, H).contiguous()  # (B, N, H)
-    layout = {'head_first': False} if 'head_first' in inspect.signature(chunk_simple_gla).parameters else {}
-    o, _ = chunk_simple_gla(phi_q, phi_k, v, g=log_gate, scale=1.0, **layout)
-    return o
 
 
 def attention_ops(config):
@@ -482,12 +448,7 @@ def main():
     device, torch_dtype = pick_device(device, dtype)
     cuda = device.startswith('cuda')
     dtype = str(torch_dtype).removeprefix('torch.')  # 'auto' resolved: the JSON records what ran
-    results = bench_report.read_results(out)  # an earlier run's, kept but for the sections measured again
-    earlier = [f"{m} {name}" for m in results for name in results[m]]
-    replaced = [f"{model} {name}" for name in names(sections) if name in results.get(model, {})]
-    if earlier:
-        print(f"{out}: keeping {', '.join(e for e in earlier if e not in replaced) or 'nothing'}"
-              f"{'; replacing ' + ', '.join(replaced) if replaced else ''}")
+    results = bench_report.Results(out, model, names(sections))  # an earlier run's, but for the sections redone
     for path in (out, plot):
         os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
     meta = {**machine(), **{name: globals()[name] for name in configurator.settings_block(__file__)[1]}}
@@ -497,20 +458,17 @@ def main():
     try:
         while sections_left:
             name = sections_left[0]
-            print(f"{model} {name} ...", flush=True)
-            section = results.setdefault(model, {})[name] = dict(meta=meta, rows=[], notes=[], error=None)
+            section = results.new_section(name, meta)
             for row in measured_rows(name, section):
-                section['rows'].append(row)
                 rows_measured += 1
-                print('  ' + ' '.join(f"{k}={bench_report.fmt(v)}" for k, v in row.items()), flush=True)
-                bench_report.save_results(results, out)  # after every row: a run cut short keeps what it measured
-            bench_report.save_results(results, out)  # the section's notes, error and profile
+                results.add_row(section, row)  # shown and saved: a run cut short keeps what it measured
+            results.save()  # the section's notes, error and profile
             sections_left.pop(0)
     finally:  # also when cut short or the disk is full: what was measured is on the screen
-        bench_report.print_tables(results)
+        bench_report.print_tables(results.all)
     print(f"\nwrote {out}")
     if plot:
-        bench_report.draw_plot(results, plot)
+        bench_report.draw_plot(results.all, plot)
 
 
 if __name__ == '__main__':

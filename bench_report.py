@@ -1,7 +1,7 @@
 """
 bench.py's results, kept and shown: the JSON file that collects them across runs, {model: {section:
-{meta, rows, notes, error}}}, a table per model and section on stdout, and a plot of tokens/s against
-length, one row of panels per model and one panel per section.
+{meta, rows, notes, error}}}, filled a row at a time (Results), a table per model and section on stdout,
+and a plot of tokens/s against length, one row of panels per model and one panel per section.
 """
 
 import json
@@ -62,6 +62,33 @@ def save_results(results, path):
     ordered = {model: {name: sections[name] for name in SECTIONS if name in sections}
                for model, sections in results.items()}
     atomic_write_text(path, json.dumps(ordered, indent=1) + '\n')
+
+
+class Results:
+    """The results file as a run of one model fills it: an earlier run's sections are kept but for
+    those measured again, and each row is shown and saved as it comes, so a run cut short keeps it."""
+
+    def __init__(self, path, model, section_names):
+        self.path, self.model, self.all = path, model, read_results(path)
+        earlier = [f"{m} {name}" for m in self.all for name in self.all[m]]
+        replaced = [f"{model} {name}" for name in section_names if name in self.all.get(model, {})]
+        if earlier:
+            print(f"{path}: keeping {', '.join(e for e in earlier if e not in replaced) or 'nothing'}"
+                  f"{'; replacing ' + ', '.join(replaced) if replaced else ''}")
+
+    def new_section(self, name, meta):
+        """An empty section of the model, in place of an earlier one of that name."""
+        print(f"{self.model} {name} ...", flush=True)
+        section = self.all.setdefault(self.model, {})[name] = dict(meta=meta, rows=[], notes=[], error=None)
+        return section
+
+    def add_row(self, section, row):
+        section['rows'].append(row)
+        print('  ' + ' '.join(f"{k}={fmt(v)}" for k, v in row.items()), flush=True)
+        self.save()
+
+    def save(self):
+        save_results(self.all, self.path)
 
 # -----------------------------------------------------------------------------
 # Tables

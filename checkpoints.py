@@ -30,7 +30,7 @@ from torch.distributed.fsdp import FSDPModule
 
 import ranks
 from atomic import atomic_write_text
-from dijiang import load_checkpoint
+from model_dir import load_checkpoint
 from rundir import PREVIOUS, SHARDED, WRITING  # the folders in out_dir
 from tokenizer import Tokenizer
 

@@ -4,42 +4,17 @@ How every script starts and stops. A script's settings are assignments of litera
 `configurator.run(main)`, which applies recipe files (config/<script>_<name>.py, the same assignments,
 as nanoGPT's config/) and --name=value overrides, in order, and calls main() inside the one error
 boundary: a ValueError or OSError, whose sentence names the file or setting and the fix, is one line
-on stderr, 'error: ...', with no traceback. Ctrl-C (exit 130) and SIGTERM (143: what torchrun, Slurm
-and docker send) unwind the run like an exception, so `finally` blocks and atomic writes clean up,
-then one line says what was kept. Only rank 0 speaks.
+on stderr, 'error: ...', with no traceback. Ctrl-C (exit 130) and SIGTERM (143) unwind the run like an
+exception (signals.py), then one line says what was kept. Only rank 0 speaks.
 """
 
 import ast
 import glob
 import os
-import signal
 import sys
-import threading
 
-RANK_0 = os.environ.get('RANK', '0') == '0'
-state = 'starting'  # then 'running' (inside main()), then 'done'
-
-
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM, raised wherever the script is, so that it unwinds."""
-
-    def __init__(self, signum):
-        super().__init__(signum)
-        self.exit_status = 128 + signum  # what a shell reports for a process the signal stopped
-
-
-def stop_on_signals():
-    """From now on Ctrl-C and SIGTERM stop the script with one line. Called first thing, before the
-    heavy imports: a signal before main() exits at once, one inside it raises Interrupted."""
-    def handler(signum, frame):
-        if state == 'running':
-            raise Interrupted(signum)
-        if state == 'starting' and RANK_0:  # after main() has returned the work is done: exit quietly
-            os.write(2, b"error: interrupted while starting; nothing was written\n")
-        os._exit(128 + signum)
-    if threading.current_thread() is threading.main_thread():
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, handler)
+import signals
+from signals import RANK_0
 
 
 def passive_openmp():
@@ -132,29 +107,25 @@ def fail(message, status=1):
 def run(main, kept=lambda: 'the files written before this run are as they were'):
     """Set the script's settings from sys.argv, then run main(); kept() says, in the one line of a run
     that stops, what is kept and how to go on."""
-    global state
     script = main.__globals__
     if {'-h', '--help'} & set(sys.argv[1:]):
         return print(usage(script['__file__']))
-    stop_on_signals()
-    state = 'running'
-    try:
-        names = settings_block(script['__file__'])[1]
-        script.update(parse_settings(sys.argv[1:], {name: script[name] for name in names}))
-        main()
-    except KeyboardInterrupt as e:  # Interrupted, or Python's own where another handler replaced ours
-        status = getattr(e, 'exit_status', 130)
-        fail(f"{'interrupted' if status == 130 else 'terminated'}; {kept()}", status)
-    except ValueError as e:
-        fail(e)
-    except BrokenPipeError:  # stdout's reader is gone (`| head`): stop quietly, as Unix tools do
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(141)
-    except OSError as e:
-        fail(f"{e.filename or 'a file'}: {e.strerror or e}; {kept()}")
-    except (RuntimeError, MemoryError) as e:
-        if not (isinstance(e, MemoryError) or 'out of memory' in str(e) or "can't allocate memory" in str(e)):
-            raise  # a bug, not bad input: its traceback is the report
-        fail(f"out of memory ({(str(e) or type(e).__name__).splitlines()[0][:120]}); {kept()}")
-    finally:
-        state = 'done'
+    with signals.interruptible():
+        try:
+            names = settings_block(script['__file__'])[1]
+            script.update(parse_settings(sys.argv[1:], {name: script[name] for name in names}))
+            main()
+        except KeyboardInterrupt as e:  # Interrupted, or Python's own where another handler replaced ours
+            status = getattr(e, 'exit_status', 130)
+            fail(f"{'interrupted' if status == 130 else 'terminated'}; {kept()}", status)
+        except ValueError as e:
+            fail(e)
+        except BrokenPipeError:  # stdout's reader is gone (`| head`): stop quietly, as Unix tools do
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(141)
+        except OSError as e:
+            fail(f"{e.filename or 'a file'}: {e.strerror or e}; {kept()}")
+        except (RuntimeError, MemoryError) as e:
+            if not (isinstance(e, MemoryError) or 'out of memory' in str(e) or "can't allocate memory" in str(e)):
+                raise  # a bug, not bad input: its traceback is the report
+            fail(f"out of memory ({(str(e) or type(e).__name__).splitlines()[0][:120]}); {kept()}")

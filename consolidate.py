@@ -10,8 +10,9 @@ parameter). ckpt.pt is written atomically; the shards stay.
 """
 
 import configurator
+import signals
 
-configurator.stop_on_signals()  # before the heavy imports: Ctrl-C while torch loads is one line too
+signals.stop_on_signals()  # before the heavy imports: Ctrl-C while torch loads is one line too
 
 import os  # noqa: E402
 

@@ -1,5 +1,5 @@
 """
-Convert a pretrained model into a directory that sample.py, train.py and dijiang.load read: ckpt.pt,
+Convert a pretrained model into a directory that sample.py, train.py and model_dir.load read: ckpt.pt,
 config.json, tokenizer.json (Hugging Face's format: HF tools read it too) and convert.json, which says
 what was converted from where. convert.py replaces a folder only when it holds its own files alone.
 
@@ -19,13 +19,14 @@ Hugging Face cache: HF_HOME, HF_TOKEN, HF_ENDPOINT and HF_HUB_OFFLINE work as fo
 
 The released DiJiang code saves, per layer, attention.W_G, group_norm, proj_matrix and D1 / D2 =
 gamma^n / gamma^-n of shape (1, H, max_pos, 1). W_G, the GroupNorm and P come over exactly; gamma per
-head is recovered from D1 and D2 (recover_decay: exact for the released init; the fit error is
-printed when training moved them).
+head is recovered from D1 and D2 (hf_checkpoint.recover_decay: exact for the released init; the fit
+error is printed when training moved them).
 """
 
 import configurator
+import signals
 
-configurator.stop_on_signals()  # before the heavy imports: Ctrl-C while torch loads is one line too
+signals.stop_on_signals()  # before the heavy imports: Ctrl-C while torch loads is one line too
 
 import json  # noqa: E402
 import os  # noqa: E402
@@ -39,7 +40,7 @@ import torch  # noqa: E402
 
 from atomic import atomic_write_text, interrupts_deferred, remove_leftover_dir  # noqa: E402
 from dijiang import CONFIGS, DIJIANG_ONLY_KEYS, FEATURE_MAPS, GPT, DiJiangAttention, GPTConfig  # noqa: E402
-from hf_checkpoint import FAMILIES, HFFolder, gpt_config, hf_names, read_state  # noqa: E402
+from hf_checkpoint import FAMILIES, HFFolder, gpt_config, hf_names, read_state, recover_decay  # noqa: E402
 from tokenizer import Unsupported  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -66,22 +67,6 @@ OUTPUT_FILES = ('ckpt.pt', 'config.json', 'tokenizer.json', MANIFEST)
 
 # -----------------------------------------------------------------------------
 # The conversion
-
-
-def recover_decay(D1, D2):
-    """gamma per head from the released D1 = gamma^n and D2 = gamma^-n, each (1, H, L, 1): least
-    squares of log D = +-n log gamma over both, skipping entries that overflowed or underflowed (fp16
-    D2 overflows past a few hundred positions). For the released fp32 init this gives gamma exactly.
-    Returns gamma (H,) fp32 and the largest deviation |log D -+ n log gamma|, about the worst relative
-    error of the decay, which rounding alone keeps within a few eps of D's dtype."""
-    L = D1.shape[2]
-    values = torch.cat((D1[0, :, :, 0], D2[0, :, :, 0]), dim=1)  # (H, 2L)
-    n = torch.cat((torch.arange(L), -torch.arange(L))).double()  # log D = n log gamma, n signed
-    ok = torch.isfinite(values) & (values >= torch.finfo(values.dtype).tiny)
-    logs = values.double().log().where(ok, 0)
-    log_gamma = (n * logs).sum(1) / (n * n * ok).sum(1)  # (H,)
-    deviation = ((logs - n * log_gamma[:, None]) * ok).abs().max().item()
-    return log_gamma.exp().float(), deviation
 
 
 def convert(source):

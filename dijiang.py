@@ -11,17 +11,15 @@ Read top to bottom:
      chunk (O(T) memory, for training and prefill) and recurrent (a (D, D) state per head, O(1) per
      token, for decoding)
   4. the modules: SoftmaxAttention (the pretrained model's), DiJiangAttention, MLP, Block
-  5. GPT: forward, generate, checkpoints, and linearizing a softmax checkpoint
-  6. loading a model directory: the model and its tokenizer, on a device
+  5. GPT: forward, generate, and checkpoints (model_dir.py reads and writes them), which linearize a
+     softmax checkpoint when asked for attention='dijiang'
 
 The two families differ only in config fields. Decays are always relative (gamma^(n-m), n >= m),
 never gamma^(-n): the released code's D2 = gamma^(-n) overflows fp32 past about 2.8K tokens.
 """
 
-import json
 import math
-import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 import numpy as np
 import scipy.fft
@@ -29,9 +27,6 @@ import scipy.stats
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from atomic import atomic_write, atomic_write_text
-from tokenizer import Tokenizer
 
 try:  # the fused GPU kernels: Triton ships with PyTorch's CUDA builds, not with the CPU ones
     from fast import triton_attention
@@ -437,8 +432,6 @@ class Cache:
 
 # what a DiJiang layer has beyond a softmax one: initialized, not imported, when linearizing
 DIJIANG_ONLY_KEYS = ('attn.gate.weight', 'attn.group_norm.weight', 'attn.group_norm.bias', 'attn.feature_proj', 'attn.decay')
-RENAMED_FIELDS = {'layer_norm_eps': 'norm_eps'}  # config fields of older checkpoints
-RUNTIME_FIELDS = ('form', 'kernel')  # saved in the config by older checkpoints: now chosen at run time
 
 
 def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None):
@@ -578,96 +571,14 @@ class GPT(nn.Module):
         return torch.cat([idx, *new], dim=1)
 
     def save_checkpoint(self, out_dir, **extra):
-        """Write out_dir/ckpt.pt (config, weights and any extra entries) and a readable config.json,
-        each atomically: a crash leaves the previous files intact."""
-        os.makedirs(out_dir, exist_ok=True)
-        config = asdict(self.config)
-        atomic_write(os.path.join(out_dir, 'ckpt.pt'),
-                     lambda path: torch.save(dict(config=config, model=self.state_dict(), **extra), path))
-        atomic_write_text(os.path.join(out_dir, 'config.json'), json.dumps(config, indent=2) + '\n')
+        """Write out_dir/ckpt.pt (config, weights and any extra entries) and config.json: model_dir.py."""
+        from model_dir import save_checkpoint  # model_dir.py imports this module: imported here, not above
+        save_checkpoint(self, out_dir, **extra)
 
     @classmethod
     def from_checkpoint(cls, path, form='chunk', kernel='auto', **overrides):
-        """Load a directory written by convert.py or train.py. overrides replace config fields;
-        attention='dijiang' on a softmax checkpoint linearizes it (the paper's method): every pretrained
-        weight is kept, and the DiJiang-only parts keep their fresh init."""
-        return cls.from_state(load_checkpoint(path), path, form, kernel, **overrides)
-
-    @classmethod
-    def from_state(cls, ckpt, path, form='chunk', kernel='auto', **overrides):
-        """from_checkpoint on the dict that load_checkpoint(path) returned."""
-        ckpt_path = os.path.join(path, 'ckpt.pt')
-        saved = {RENAMED_FIELDS.get(k, k): v for k, v in ckpt['config'].items() if k not in RUNTIME_FIELDS}
-        known = {f.name for f in fields(GPTConfig)}
-        for where, names in (('overrides', overrides), (f"{ckpt_path}'s config", saved)):
-            if set(names) - known:
-                raise ValueError(f"unknown config field(s) in {where}: {', '.join(sorted(set(names) - known))}; "
-                                 f"the fields are {', '.join(sorted(known))}")
-        config = GPTConfig(**{**saved, **overrides})  # a bad field's ValueError names it
-        linearize = saved.get('attention', 'dijiang') == 'softmax' and config.attention == 'dijiang'
-        for key, tensor in ckpt['model'].items():
-            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                raise ValueError(f"{ckpt_path}: weight {key} holds NaN or inf: the model is damaged (a diverged run "
-                                 "or a bad conversion); use an earlier checkpoint")
-        # built on the meta device, then given the memory-mapped weights: a big model is held once
-        # (a linearized one is built for real, since its new parts are not in the checkpoint)
-        try:  # a weight of another shape: a damaged or foreign file
-            with torch.device('cpu' if linearize else 'meta'):
-                model = cls(config, form, kernel)
-            missing, unexpected = model.load_state_dict(ckpt['model'], strict=False, assign=True)
-        except RuntimeError as e:
-            detail = str(e).strip().splitlines()[-1].strip()[:200] if str(e).strip() else type(e).__name__
-            raise ValueError(f"{ckpt_path}: its weights and config do not make a model ({detail}): the file is damaged "
-                             "or was not written by train.py or convert.py") from None
-        model.tie_weights()  # assign=True gave the head and the embedding separate tensors
-        missing = [key for key in missing if not (linearize and key.endswith(DIJIANG_ONLY_KEYS))
-                   and not (config.tie_embeddings and key == 'lm_head.weight')]
-        if missing or unexpected:
-            raise ValueError(f"{ckpt_path} does not match the config (attention={config.attention!r}): missing "
-                             f"{missing[:4]}, unexpected {unexpected[:4]}; check the overrides")
-        return model
-
-# -----------------------------------------------------------------------------
-# 6. Loading a model directory
-
-
-def load_checkpoint(path):
-    """The dict in path/ckpt.pt, memory-mapped; one clear ValueError when it is missing or not a checkpoint."""
-    ckpt_path = os.path.join(path, 'ckpt.pt')
-    if not os.path.isfile(ckpt_path):
-        raise ValueError(f"no checkpoint at {ckpt_path}: pass a directory written by convert.py or train.py")
-    try:
-        ckpt = torch.load(ckpt_path, map_location='cpu', mmap=True, weights_only=True)
-    except Exception as e:  # random bytes, a truncated file, an old pickle: torch names each differently
-        raise ValueError(f"{ckpt_path} is not a readable checkpoint ({type(e).__name__}): it is damaged or "
-                         "was not written by train.py or convert.py; restore it or write it again") from None
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get('config'), dict) or not isinstance(ckpt.get('model'), dict):
-        raise ValueError(f"{ckpt_path} is not a dijiang checkpoint (no config and model entries): "
-                         "write it with train.py or convert.py")
-    return ckpt
-
-
-def pick_device(device='auto', dtype='auto'):
-    """device ('auto': CUDA when torch sees a GPU, else the CPU) and dtype ('auto': bfloat16 on a GPU
-    that has it, else float32) resolved, as (device string, torch dtype); ValueError for a GPU torch lacks."""
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    device = ('cuda' if gpus else 'cpu') if device == 'auto' else device
-    index = device.removeprefix('cuda').removeprefix(':')
-    if device != 'cpu' and not (device == 'cuda' or device.startswith('cuda:') and index.isdigit()):
-        raise ValueError(f"device={device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
-    if device != 'cpu' and int(index or 0) >= gpus:
-        raise ValueError(f"device={device!r}, but torch sees {gpus} CUDA GPU(s): use --device=cpu, or a GPU it sees")
-    if dtype == 'auto':
-        dtype = 'bfloat16' if device != 'cpu' and torch.cuda.is_bf16_supported() else 'float32'
-    if dtype not in ('float32', 'bfloat16', 'float16'):
-        raise ValueError(f"dtype={dtype!r}: use 'auto', 'float32', 'bfloat16' or 'float16'")
-    return device, getattr(torch, dtype)
-
-
-def load(path, device='auto', dtype='auto', **overrides):
-    """The model in a directory that convert.py or train.py wrote, ready to run (eval mode, weights in
-    dtype on device, as pick_device resolves them), and its tokenizer. overrides go to from_checkpoint."""
-    device, dtype = pick_device(device, dtype)
-    ckpt = load_checkpoint(path)
-    model = GPT.from_state(ckpt, path, **overrides).to(device).to_dtype(dtype).eval()
-    return model, Tokenizer.for_model(path, ckpt.get('tokenizer'))
+        """Load a directory written by convert.py or train.py, every file checked (model_dir.py). overrides
+        replace config fields; attention='dijiang' on a softmax checkpoint linearizes it (the paper's
+        method): every pretrained weight is kept, and the DiJiang-only parts keep their fresh init."""
+        from model_dir import build_model, load_checkpoint
+        return build_model(load_checkpoint(path), path, form, kernel, **overrides)

@@ -21,8 +21,9 @@ Needs lm-eval: pip install lm-eval==0.4.13
 """
 
 import configurator
+import signals
 
-configurator.stop_on_signals()  # before the heavy imports: Ctrl-C while torch loads is one line too
+signals.stop_on_signals()  # before the heavy imports: Ctrl-C while torch loads is one line too
 
 import json  # noqa: E402
 import os  # noqa: E402
@@ -32,7 +33,7 @@ import time  # noqa: E402
 configurator.passive_openmp()  # before torch loads OpenMP
 
 from atomic import atomic_write_text  # noqa: E402
-from dijiang import load  # noqa: E402
+from model_dir import load  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # settings: each can be overridden as --name=value

@@ -3,8 +3,8 @@ A Hugging Face model folder, read: config.json's values as GPTConfig fields, eac
 and range, with what the model does not do refused by name; the weights, one tensor at a time
 (safetensors) or memory-mapped (.bin), from one file or from shards; and each family's key map from
 its tensor names to ours. The families: GPT-NeoX (Pythia, and checkpoints saved by the released
-DiJiang code) and LLaMA (LlamaForCausalLM, MistralForCausalLM). gguf_file.py reads a GGUF file into
-the same form.
+DiJiang code, whose per-head gamma recover_decay finds in its D1 and D2) and LLaMA (LlamaForCausalLM,
+MistralForCausalLM). gguf_file.py reads a GGUF file into the same form.
 """
 
 import json
@@ -153,6 +153,22 @@ def read_state(tensors, family):
                              "export); convert another one")
         state[ours], sources[ours] = (tensor.t() if ours.endswith('attn.gate.weight') else tensor), name
     return state, sources, decays
+
+
+def recover_decay(D1, D2):
+    """gamma per head from the released D1 = gamma^n and D2 = gamma^-n, each (1, H, L, 1): least
+    squares of log D = +-n log gamma over both, skipping entries that overflowed or underflowed (fp16
+    D2 overflows past a few hundred positions). For the released fp32 init this gives gamma exactly.
+    Returns gamma (H,) fp32 and the largest deviation |log D -+ n log gamma|, about the worst relative
+    error of the decay, which rounding alone keeps within a few eps of D's dtype."""
+    L = D1.shape[2]
+    values = torch.cat((D1[0, :, :, 0], D2[0, :, :, 0]), dim=1)  # (H, 2L)
+    n = torch.cat((torch.arange(L), -torch.arange(L))).double()  # log D = n log gamma, n signed
+    ok = torch.isfinite(values) & (values >= torch.finfo(values.dtype).tiny)
+    logs = values.double().log().where(ok, 0)
+    log_gamma = (n * logs).sum(1) / (n * n * ok).sum(1)  # (H,)
+    deviation = ((logs - n * log_gamma[:, None]) * ok).abs().max().item()
+    return log_gamma.exp().float(), deviation
 
 
 def hf_names(config, key_map=NEOX_KEYS):

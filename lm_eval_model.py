@@ -1,6 +1,6 @@
 """
 The lm-evaluation-harness model for this project's checkpoints, registered with lm-eval as 'dijiang':
-any directory that dijiang.load reads (Pythia or SmolLM2, softmax or DiJiang). eval.py runs it; from
+any directory that model_dir.load reads (Pythia or SmolLM2, softmax or DiJiang). eval.py runs it; from
 Python:
 
     import lm_eval, lm_eval_model
@@ -39,7 +39,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
-from dijiang import load
+from model_dir import load
 from fast.cuda_graph_decode import CUDAGraphDecoder, why_not_fused
 
 DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's, for a task that does not say

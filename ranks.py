@@ -30,7 +30,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from dijiang import pick_device
+from model_dir import pick_device
 
 rank, local_rank, world_size = 0, 0, 1
 ddp = False  # started by torchrun (or by hand, with its variables)

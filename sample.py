@@ -15,8 +15,9 @@ are separated by a line of dashes. What was loaded and how fast it decoded go to
 """
 
 import configurator
+import signals
 
-configurator.stop_on_signals()  # before the heavy imports: Ctrl-C while torch loads is one line too
+signals.stop_on_signals()  # before the heavy imports: Ctrl-C while torch loads is one line too
 
 import os  # noqa: E402
 import sys  # noqa: E402
@@ -26,7 +27,7 @@ configurator.passive_openmp()  # before torch loads OpenMP
 
 import torch  # noqa: E402
 
-from dijiang import load  # noqa: E402
+from model_dir import load  # noqa: E402
 from fast.cuda_graph_decode import CUDAGraphDecoder, why_not_fused  # noqa: E402
 
 # -----------------------------------------------------------------------------

@@ -32,8 +32,9 @@ Under torchrun rank 0 alone speaks, also for another rank that failed (ranks.py)
 """
 
 import configurator
+import signals
 
-configurator.stop_on_signals()  # before the heavy imports: Ctrl-C while torch loads is one line too
+signals.stop_on_signals()  # before the heavy imports: Ctrl-C while torch loads is one line too
 
 import math  # noqa: E402
 import os  # noqa: E402
@@ -52,9 +53,11 @@ import memory as memory_estimate  # noqa: E402
 import ranks  # noqa: E402
 import sharding  # noqa: E402
 from atomic import atomic_write, atomic_write_text, interrupts_deferred  # noqa: E402
-from dijiang import ATTENTIONS, CONFIGS, FEATURE_MAPS, FORMS, GPT, GPTConfig, load_checkpoint, pick_device  # noqa: E402
+from dijiang import ATTENTIONS, CONFIGS, FEATURE_MAPS, FORMS, GPT, GPTConfig  # noqa: E402
+from model_dir import build_model, load_checkpoint, pick_device  # noqa: E402
 from rundir import RunDir, append_log, log_up_to  # noqa: E402
 from shards import splits_of  # noqa: E402
+from training import adamw, check_finite, cosine_lr, get_batch, split_batch  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # settings: each can be overridden as --name=value, after any recipe files (config/train_*.py).
@@ -125,54 +128,6 @@ def kept():
 
 def last_checkpoint(path, step):
     return f"{path} (step {step}) is the last checkpoint; resume with python train.py --init_from=resume --out_dir={out_dir}"
-
-
-def split_batch(batch_size, block_size, micro_batch_size, world_size=0):
-    """(micro_batch_size, accumulation): micro_batch_size 0 resolved, and the micro-steps per step, on
-    world_size ranks (0: this run's)."""
-    world_size = world_size or ranks.world_size
-    if micro_batch_size == 0:
-        fits = [m for m in range(16, 0, -1) if batch_size % (m * block_size * world_size) == 0]
-        configurator.check(fits, 'batch_size', batch_size, f"split it evenly into sequences of block_size={block_size} "
-                           f"over {world_size} rank(s): make it a multiple of {block_size * world_size}")
-        micro_batch_size = fits[0]
-    accumulation, remainder = divmod(batch_size, micro_batch_size * block_size * world_size)
-    if remainder or accumulation == 0:
-        raise ValueError(f"batch_size={batch_size} tokens is not a multiple of micro_batch_size * block_size * "
-                         f"world_size = {micro_batch_size} * {block_size} * {world_size}: change one of them")
-    return micro_batch_size, accumulation
-
-
-def get_batch(data, position, micro_step, micro_batch_size, device):
-    """This rank's micro-step micro_step of the step that starts at window position: inputs and
-    next-token targets, (B, T) each."""
-    start = position + (micro_step * ranks.world_size + ranks.rank) * micro_batch_size
-    windows = torch.from_numpy(data.windows(start, micro_batch_size))  # (B, T + 1)
-    if device.startswith('cuda'):
-        windows = windows.pin_memory().to(device, non_blocking=True)
-    return windows[:, :-1], windows[:, 1:]
-
-
-def adamw(params, peak_lr, weight_decay, betas, device):
-    """AdamW with weight decay on matrices (linear weights, embeddings), not on norms, biases or gains."""
-    params = list(params)
-    return torch.optim.AdamW([dict(params=[p for p in params if p.dim() >= 2], weight_decay=weight_decay),
-                              dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)],
-                             lr=peak_lr, betas=betas, fused=device.startswith('cuda'))
-
-
-def cosine_lr(step, peak, warmup, decay_iters, min_lr):
-    """Learning rate of update step + 1: linear warmup to peak, then cosine to min_lr at decay_iters."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, decay_iters - warmup))
-    return min_lr + 0.5 * (peak - min_lr) * (1 + math.cos(math.pi * progress))
-
-
-def check_finite(what, value, step):
-    """Stop all ranks alike (the values are averaged over the ranks) before the update."""
-    if not math.isfinite(value):
-        raise ValueError(f"non-finite {what} ({value}) at step {step}: stopped; {status}. Lower --lr or check the data")
 
 
 def print_row(row):
@@ -288,7 +243,7 @@ def train(run, ckpt, settings, given):
         if 'sharded' in ckpt:  # its weights come from the shards, once it is sharded
             gpt = memory_estimate.shapes_only(GPTConfig(**ckpt['config'])).set_form(form)
         else:
-            gpt = GPT.from_state(ckpt, source, form, **({} if resume else dict(attention=attention)), **new_layers)
+            gpt = build_model(ckpt, source, form, **({} if resume else dict(attention=attention)), **new_layers)
         identity = checkpoints.tokenizer_of(ckpt, source)
         fix = ("resume on the data the run used, or start a new run" if resume else
                f"tokenize with python data/prepare.py --tokenizer={init_from} ...")
@@ -383,8 +338,8 @@ def train(run, ckpt, settings, given):
         t0 = time.time()
         step_lr = cosine_lr(step - 1, lr, warmup, lr_decay_iters, min_lr)
         loss, grad_norm = train_step(position)
-        check_finite('loss', loss, step)
-        check_finite('gradient norm', grad_norm, step)
+        check_finite('loss', loss, step, status)
+        check_finite('gradient norm', grad_norm, step, status)
         for group in optimizer.param_groups:
             group['lr'] = step_lr
         optimizer.step()
@@ -395,7 +350,7 @@ def train(run, ckpt, settings, given):
         row = dict(step=step, loss=loss, lr=step_lr, grad_norm=grad_norm)
         if step % eval_interval == 0 or step == max_iters:
             row.update(evaluate())
-            check_finite('val loss', row['val_loss'], step)
+            check_finite('val loss', row['val_loss'], step, status)
             with interrupts_deferred():  # a Ctrl-C or SIGTERM now stops the run once the checkpoint is whole
                 checkpoints.save(out_dir, gpt, optimizer, fsdp, step=step, data_position=position, tokenizer=identity,
                                  settings=settings, train_tokens=train_data.num_tokens)

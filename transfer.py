@@ -23,8 +23,9 @@ the layers are called one by one, not through DDP's forward.
 """
 
 import configurator
+import signals
 
-configurator.stop_on_signals()  # before the heavy imports: Ctrl-C while torch loads is one line too
+signals.stop_on_signals()  # before the heavy imports: Ctrl-C while torch loads is one line too
 
 import math  # noqa: E402
 import os  # noqa: E402
@@ -37,10 +38,11 @@ import torch  # noqa: E402
 import ranks  # noqa: E402
 from atomic import atomic_write  # noqa: E402
 from checkpoints import tokenizer_of  # noqa: E402
-from dijiang import FEATURE_MAPS, FORMS, GPT, load_checkpoint, pick_device  # noqa: E402
+from dijiang import FEATURE_MAPS, FORMS  # noqa: E402
+from model_dir import build_model, load_checkpoint, pick_device  # noqa: E402
 from rundir import RunDir, append_log  # noqa: E402
 from shards import Shards  # noqa: E402
-from train import adamw, check_finite, cosine_lr, get_batch, split_batch  # noqa: E402
+from training import adamw, check_finite, cosine_lr, get_batch, split_batch  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # settings: each can be overridden as --name=value
@@ -122,11 +124,11 @@ def main():
     with ranks.one_voice(lambda: status), RunDir(out_dir, True, overwrite, owner=ranks.rank == 0) as run:
         status = run.status()
         torch.manual_seed(seed)  # the student first: W_G is drawn as train.py draws it when it linearizes
-        student = GPT.from_state(ckpt, init_from, form, attention='dijiang', feature_map=feature_map,
-                                 feature_seed=feature_seed).to(device=device, dtype=torch.float32)
+        student = build_model(ckpt, init_from, form, attention='dijiang', feature_map=feature_map,
+                              feature_seed=feature_seed).to(device=device, dtype=torch.float32)
         for p in student.parameters():  # its own copy: the teacher shares the checkpoint's tensors
             p.data = p.data.clone()
-        teacher = GPT.from_state(ckpt, init_from).to(device=device, dtype=torch.float32).eval().requires_grad_(False)
+        teacher = build_model(ckpt, init_from).to(device=device, dtype=torch.float32).eval().requires_grad_(False)
         data = Shards(data_dir, 'train', block_size)
         identity = tokenizer_of(ckpt, init_from)
         data.check_tokenizer(identity, teacher.config.vocab_size,
@@ -154,8 +156,8 @@ def main():
             ranks.average_gradients(params)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf).item()
             mse = ranks.mean(mse_sum / (accumulation * len(pairs)))
-            check_finite('transfer MSE', mse, step)
-            check_finite('gradient norm', grad_norm, step)
+            check_finite('transfer MSE', mse, step, status)
+            check_finite('gradient norm', grad_norm, step, status)
             step_lr = cosine_lr(step - 1, lr, max(1, iters // 10), iters, min_lr)
             for group in optimizer.param_groups:
                 group['lr'] = step_lr

@@ -37,9 +37,10 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repo's, for its modules
 sys.path.insert(0, ROOT)
 import configurator  # noqa: E402
+import signals  # noqa: E402
 
 if __name__ == '__main__':  # imported, the signals are the importing script's
-    configurator.stop_on_signals()
+    signals.stop_on_signals()
 
 import collections  # noqa: E402
 import contextlib  # noqa: E402
@@ -270,7 +271,7 @@ def receive(worker):
     except EOFError:  # it died
         process.join()
         if process.exitcode == -signal.SIGTERM:  # sent to the whole group, say, as Slurm does: the run stops too
-            raise configurator.Interrupted(signal.SIGTERM) from None
+            raise signals.Interrupted(signal.SIGTERM) from None
         raise ValueError(f"a tokenizer process died (exit status {process.exitcode}; -9 is what the system's "
                          "out-of-memory killer leaves): run again, with fewer --num_workers if memory is short") \
             from None

@@ -24,8 +24,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 import configurator  # noqa: E402
+import signals  # noqa: E402
 
-configurator.stop_on_signals()
+signals.stop_on_signals()
 
 import json  # noqa: E402
 import random  # noqa: E402
@@ -38,7 +39,8 @@ configurator.passive_openmp()  # before torch loads OpenMP
 import torch  # noqa: E402
 
 from atomic import atomic_write_text  # noqa: E402
-from dijiang import GPT, GPTConfig, load, pick_device  # noqa: E402
+from dijiang import GPT, GPTConfig  # noqa: E402
+from model_dir import load, pick_device  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
 # -----------------------------------------------------------------------------

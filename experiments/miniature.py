@@ -57,9 +57,10 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the repo's modules
 import configurator  # noqa: E402
+import signals  # noqa: E402
 
 if __name__ == '__main__':  # imported (by the tests), the signals are the importing process's
-    configurator.stop_on_signals()  # before the heavy imports: Ctrl-C while torch loads is one line too
+    signals.stop_on_signals()  # before the heavy imports: Ctrl-C while torch loads is one line too
 
 import json  # noqa: E402
 import math  # noqa: E402
@@ -661,7 +662,8 @@ def print_budget(plan):
 def print_identity_path():
     """On a GPU: whether the identity map's runs take the fused kernels, which need bf16 inputs (train.py's
     bfloat16 autocast gives them), or the PyTorch chunk loop, several times slower."""
-    from dijiang import DiJiangAttention, GPTConfig, pick_device
+    from dijiang import DiJiangAttention, GPTConfig
+    from model_dir import pick_device
     device, run_dtype = pick_device('auto', dtype)
     config = GPTConfig.named(model, feature_map='identity', block_size=block_size, vocab_size=256)
     q = torch.zeros(1, config.chunk_size, config.n_head, config.head_size, device=device, dtype=run_dtype)

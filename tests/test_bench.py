@@ -2,7 +2,7 @@
 is keyed by model, and a run keeps every section it does not measure again, byte for byte; a bad
 setting, a foreign --out, a full disk and Ctrl-C each stop with one line and lose nothing; the plot has
 a row of panels per model; and the pieces the GPU run relies on (the released code's formula and its
-overflow, the stand-in caches, OOM recording) are checked here on the CPU."""
+overflow (baselines.py), the stand-in caches, OOM recording) are checked here on the CPU."""
 
 import errno
 import json
@@ -18,6 +18,7 @@ import torch
 import bench
 import bench_report
 import configurator
+from baselines import released_attention
 from conftest import REPO, assert_one_error_line, run_script
 from dijiang import GPT, GPTConfig, attention_chunk, attention_parallel, decay_schedule, feature_map, projection_matrix
 
@@ -221,14 +222,14 @@ def test_released_formula_matches_the_reference_then_overflows():
     H, D = 2, 16
     proj, decay = projection_matrix(D), decay_schedule(H)
     q, k, v = (torch.randn(1, 200, H, D, dtype=torch.float64) for _ in range(3))
-    released = bench.released_attention(q, k, v, proj, decay)
+    released = released_attention(q, k, v, proj, decay)
     reference, _ = attention_parallel(feature_map(q, proj), feature_map(k, proj), v, decay)
     torch.testing.assert_close(released, reference, rtol=1e-4, atol=1e-5)
     # gamma^-n of the first head (0.96875) passes float32's maximum at n ~ 2797; relative decays do not
     q, k, v = (torch.randn(1, 2900, 1, D) for _ in range(3))
     decay = decay_schedule(1)
-    assert not torch.isfinite(bench.released_attention(q, k, v, proj, decay)).all()
-    assert torch.isfinite(bench.released_attention(q[:, :2700], k[:, :2700], v[:, :2700], proj, decay)).all()
+    assert not torch.isfinite(released_attention(q, k, v, proj, decay)).all()
+    assert torch.isfinite(released_attention(q[:, :2700], k[:, :2700], v[:, :2700], proj, decay)).all()
     o, _ = attention_chunk(feature_map(q, proj), feature_map(k, proj), v, decay)
     assert torch.isfinite(o).all()
 

@@ -50,7 +50,8 @@ def test_recipes_apply_in_order_with_the_command_line(tmp_path):
 
 SCRIPT = '''
 import configurator
-configurator.stop_on_signals()
+import signals
+signals.stop_on_signals()
 import os, sys, time
 
 # settings: each can be overridden as --name=value

@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import convert
 from conftest import PYTHIA_TOKENIZER as TOKENIZER_JSON, REPO, assert_one_error_line, run_script
 from dijiang import GPT, decay_schedule, projection_matrix
+from hf_checkpoint import recover_decay
 from tokenizer import Tokenizer, gpt2_byte_to_unicode
 
 transformers = pytest.importorskip('transformers', reason='transformers is the reference (pip install transformers)')
@@ -474,10 +474,10 @@ def test_recover_decay_from_fp16_and_overflow():
     powers = (gamma.view(8, 1, 1) ** torch.arange(2048).unsqueeze(1)).float().unsqueeze(0)
     D1, D2 = powers.half(), (1 / powers).half()
     assert torch.isinf(D2).any() and (D1 == 0).any()
-    recovered, deviation = convert.recover_decay(D1, D2)
+    recovered, deviation = recover_decay(D1, D2)
     assert torch.allclose(recovered, gamma, rtol=1e-6, atol=0)
     assert deviation <= 4 * torch.finfo(torch.float16).eps
-    recovered, deviation = convert.recover_decay(powers, 1 / powers)  # fp32, as the released init
+    recovered, deviation = recover_decay(powers, 1 / powers)  # fp32, as the released init
     assert torch.equal(recovered, gamma) and deviation < 1e-6
 
 

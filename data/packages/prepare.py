@@ -21,9 +21,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repo root
 import configurator  # noqa: E402
+import signals  # noqa: E402
 
 if __name__ == '__main__':  # imported (by experiments/miniature.py), the signals are the importing script's
-    configurator.stop_on_signals()
+    signals.stop_on_signals()
 
 import collections  # noqa: E402
 import hashlib  # noqa: E402

@@ -19,9 +19,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repo root
 import configurator  # noqa: E402
+import signals  # noqa: E402
 
 if __name__ == '__main__':  # imported (by train.py), the signals are the importing script's
-    configurator.stop_on_signals()
+    signals.stop_on_signals()
 
 import glob  # noqa: E402
 import json  # noqa: E402
